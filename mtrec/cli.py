@@ -1,0 +1,213 @@
+"""The command line. Commands are thin: typed options, then one call into a plain function.
+
+User mistakes raise ``UserError`` anywhere below; ``main`` turns them into one line on stderr and
+exit code 2 (``--debug`` shows the traceback). Ctrl-C during training exits 130 after saving.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import traceback
+from pathlib import Path
+from typing import Annotated, Optional
+
+import click
+import typer
+
+from mtrec.errors import UserError
+from mtrec.report import console, err_console, metrics_table, simple_table
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Train multi-task CTR / recommendation models with gradient balancers.")
+_debug = {"on": False}
+
+
+@app.callback()
+def _root(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors.")] = False):
+    _debug["on"] = debug
+
+
+def _split_list(text: Optional[str]) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()] if text else []
+
+
+@app.command()
+def synth(
+    out: Annotated[Path, typer.Option(help="Parquet file to write.")],
+    rows: Annotated[int, typer.Option(help="Number of impressions.")] = 100_000,
+    seed: Annotated[int, typer.Option(help="Random seed (same seed, same log).")] = 0,
+    force: Annotated[bool, typer.Option(help="Overwrite an existing file.")] = False,
+):
+    """Write a synthetic interaction log (users, items, features, click -> like -> share labels)."""
+    from mtrec.data.synth import write_synthetic
+
+    if rows < 1:
+        raise UserError("--rows must be at least 1")
+    if out.exists() and not force:
+        raise UserError(f"{out} exists: pass --force to overwrite it")
+    write_synthetic(out, rows=rows, seed=seed)
+    console.print(f"wrote {rows:,} rows to {out}")
+
+
+@app.command()
+def preprocess(
+    inputs: Annotated[list[str], typer.Argument(help="Parquet files, directories or globs.")],
+    labels: Annotated[str, typer.Option(help="Comma-separated label columns, one per task.")],
+    out: Annotated[Path, typer.Option(help="Output directory.")],
+    user: Annotated[Optional[str], typer.Option(help="User id column (for GAUC / NDCG).")] = None,
+    item: Annotated[Optional[str], typer.Option(help="Item id column.")] = None,
+    time: Annotated[Optional[str], typer.Option(help="Timestamp column (enables --split time).")] = None,
+    spec: Annotated[Optional[str], typer.Option(help="TOML feature spec (kinds, min counts, transforms).")] = None,
+    split: Annotated[Optional[str], typer.Option(help="time or random (default: time when --time is given).")] = None,
+    ratios: Annotated[str, typer.Option(help="train,valid,test fractions.")] = "0.8,0.1,0.1",
+    seed: Annotated[int, typer.Option(help="Seed of the random split.")] = 0,
+    min_count: Annotated[int, typer.Option(help="Values seen fewer times in train become OOV.")] = 1,
+    exclude: Annotated[Optional[str], typer.Option(help="Comma-separated columns that are not features.")] = None,
+    force: Annotated[bool, typer.Option(help="Replace an existing output directory.")] = False,
+):
+    """Encode raw Parquet logs into train/valid/test splits, vocabularies and a schema."""
+    from mtrec.data.preprocess import preprocess as run
+
+    try:
+        ratio_values = tuple(float(r) for r in ratios.split(","))
+    except ValueError as err:
+        raise UserError(f"--ratios expects three numbers like 0.8,0.1,0.1, got {ratios!r}") from err
+    kwargs = dict(user=user, item=item, time=time, spec=spec, ratios=ratio_values, seed=seed,
+                  min_count=min_count, force=force, exclude=_split_list(exclude))
+    if split:
+        kwargs["split"] = split
+    summary = run(inputs, _split_list(labels), str(out), **kwargs)
+    _print_preprocess(summary)
+    console.print(f"wrote {out}")
+
+
+def _print_preprocess(summary) -> None:
+    from mtrec.report import render_preprocess
+
+    render_preprocess(summary)
+
+
+@app.command()
+def train(
+    data: Annotated[Optional[str], typer.Argument(help="Directory made by mtrec preprocess.")] = None,
+    model: Annotated[Optional[str], typer.Option(help="single, shared-bottom, mmoe or ple.")] = None,
+    target: Annotated[Optional[str], typer.Option(help="Target task (task 0; early stopping uses its AUC).")] = None,
+    tasks: Annotated[Optional[str], typer.Option(help="Comma-separated tasks (default: every label).")] = None,
+    balancer: Annotated[Optional[str], typer.Option(help="Balancer name (see mtrec balancers).")] = None,
+    balancer_opt: Annotated[Optional[list[str]], typer.Option(help="Balancer hyperparameter key=value (repeat).")] = None,
+    balance_scope: Annotated[Optional[str], typer.Option(help="shared, all or representation.")] = None,
+    epochs: Annotated[Optional[int], typer.Option(help="Maximum epochs.")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Batch size.")] = None,
+    lr: Annotated[Optional[float], typer.Option(help="Adam learning rate.")] = None,
+    weight_decay: Annotated[Optional[float], typer.Option(help="Adam weight decay.")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Seed (init, shuffling).")] = None,
+    device: Annotated[Optional[str], typer.Option(help="auto, cpu or cuda.")] = None,
+    precision: Annotated[Optional[str], typer.Option(help="auto (bf16 on CUDA), fp32 or bf16.")] = None,
+    patience: Annotated[Optional[int], typer.Option(help="Early-stopping patience in epochs.")] = None,
+    embedding_dim: Annotated[Optional[int], typer.Option(help="Embedding width.")] = None,
+    experts: Annotated[Optional[int], typer.Option(help="MMoE experts.")] = None,
+    levels: Annotated[Optional[int], typer.Option(help="PLE levels (1 = CGC).")] = None,
+    max_bad_steps: Annotated[Optional[int], typer.Option(help="Non-finite steps in a row before stopping.")] = None,
+    checkpoint_every: Annotated[Optional[int], typer.Option(help="Save last.pt every N steps (0: epochs only).")] = None,
+    out: Annotated[Optional[str], typer.Option(help="Run directory to create.")] = None,
+    config: Annotated[Optional[Path], typer.Option(help="TOML file with any of these settings.")] = None,
+    force: Annotated[bool, typer.Option(help="Overwrite an existing run directory.")] = False,
+    resume: Annotated[Optional[str], typer.Option(help="Continue the run in this directory from last.pt.")] = None,
+    quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
+):
+    """Train a multi-task model with a gradient balancer."""
+    from mtrec.config import TrainConfig, parse_opt, read_toml
+    from mtrec.train import train as run
+
+    if resume:
+        values = _saved_config(resume)
+        if device:
+            values["device"] = device
+    else:
+        values = read_toml(config) if config else {}
+        flags = dict(data=data, model=model, target=target, balancer=balancer, scope=balance_scope, epochs=epochs,
+                     batch_size=batch_size, lr=lr, weight_decay=weight_decay, seed=seed, device=device,
+                     precision=precision, patience=patience, embedding_dim=embedding_dim, num_experts=experts,
+                     levels=levels, max_bad_steps=max_bad_steps, checkpoint_every=checkpoint_every, out=out)
+        values.update({k: v for k, v in flags.items() if v is not None})
+        if tasks:
+            values["tasks"] = _split_list(tasks)
+        if balancer_opt:
+            values["balancer_opts"] = {**values.get("balancer_opts", {}), **dict(parse_opt(o) for o in balancer_opt)}
+        if not values.get("data"):
+            raise UserError("missing DATA: the directory made by mtrec preprocess")
+    cfg = TrainConfig.from_dict(values)
+    result = run(cfg, resume=bool(resume), force=force, quiet=quiet)
+    if result["history"]:
+        best = result["history"][max(result["best_epoch"] - 1, 0)]["valid"]
+        console.print(metrics_table(best, f"best validation (epoch {result['best_epoch']})", cfg.ndcg_k))
+    console.print(f"run saved in {result['run_dir']}  (evaluate: mtrec evaluate {result['run_dir']})")
+
+
+def _saved_config(run_dir: str) -> dict:
+    path = Path(run_dir) / "config.json"
+    if not path.exists():
+        raise UserError(f"cannot resume {run_dir}: no config.json there (is it a run directory of mtrec train?)")
+    values = json.loads(path.read_text())
+    values.pop("mtrec_version", None)
+    values["out"] = str(run_dir)
+    return values
+
+
+@app.command()
+def evaluate(
+    run_dir: Annotated[str, typer.Argument(help="Run directory made by mtrec train.")],
+    data: Annotated[Optional[str], typer.Option(help="Encoded data directory (default: the run's).")] = None,
+    raw: Annotated[Optional[str], typer.Option(help="Raw Parquet log to encode with the saved vocabularies.")] = None,
+    split: Annotated[str, typer.Option(help="train, valid or test.")] = "test",
+    checkpoint: Annotated[str, typer.Option(help="best or last.")] = "best",
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+):
+    """Score a trained run: AUC, GAUC, LogLoss, NDCG@K and positive rate per task."""
+    from mtrec.evaluate import evaluate_run
+
+    if checkpoint not in ("best", "last"):
+        raise UserError("--checkpoint must be best or last")
+    result = evaluate_run(run_dir, data=data, raw=raw, split=split, device=device, which=checkpoint)
+    if as_json:
+        print(json.dumps(result, indent=2))
+    else:
+        console.print(metrics_table(result["metrics"], f"{result['data']} (target: {result['target']})",
+                                    result["ndcg_k"]))
+
+
+@app.command("balancers")
+def list_balancers():
+    """List the registered balancers, what they need, their hyperparameters and papers."""
+    from mtrec import balancers as registry
+
+    rows = []
+    for info in registry.describe():
+        hp = ", ".join(f"{k}={v}" for k, v in info["hparams"].items()) or "-"
+        rows.append([info["name"], info["kind"], info["needs"], hp, info["paper"]])
+    console.print(simple_table("balancers", ["name", "kind", "needs", "hyperparameters (defaults)", "paper"], rows))
+
+
+def main(argv: list[str] | None = None) -> None:
+    from mtrec.train import TrainingInterrupted
+
+    try:
+        code = app(args=argv, standalone_mode=False, prog_name="mtrec")
+    except click.exceptions.Abort:
+        err_console.print("aborted")
+        sys.exit(130)
+    except click.exceptions.ClickException as err:
+        err.show()
+        sys.exit(err.exit_code)
+    except UserError as err:
+        if _debug["on"]:
+            traceback.print_exc()
+        err_console.print(f"error: {err}", markup=False, highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except TrainingInterrupted as stop:
+        err_console.print(f"interrupted: checkpoint saved; continue with: mtrec train --resume {stop.run_dir}",
+                          markup=False, highlight=False, soft_wrap=True)
+        sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)

@@ -1,0 +1,86 @@
+"""Encoded Parquet splits as tensors, and batches as slices of a shuffled index.
+
+Parquet -> Arrow -> NumPy -> torch, column blocks at a time, never row by row. A split lives on
+the training device; a batch is ``tensor[perm[i:i + B]]``, with the permutation drawn from a
+generator seeded by (seed, epoch) so that any position in any epoch can be reproduced on resume.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import torch
+from torch import Tensor
+
+from mtrec.errors import UserError
+
+
+@dataclass
+class Split:
+    codes: Tensor  # [N, F_cat] int32
+    numeric: Tensor  # [N, F_num] float32
+    labels: Tensor  # [N, T] float32
+    users: Tensor | None  # [N] int64 group ids for GAUC / NDCG
+
+    def __len__(self) -> int:
+        return self.labels.shape[0]
+
+    def to(self, device) -> "Split":
+        move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
+        return Split(move(self.codes), move(self.numeric), move(self.labels), move(self.users))
+
+
+def _block(frame: pl.DataFrame, columns: list[str], dtype) -> np.ndarray:
+    if not columns:
+        return np.zeros((frame.height, 0), dtype=dtype)
+    return np.ascontiguousarray(frame.select(columns).to_numpy().astype(dtype, copy=False))
+
+
+def frame_to_split(frame: pl.DataFrame, categorical: list[str], numeric: list[str], tasks: list[str]) -> Split:
+    missing = [c for c in categorical + numeric + tasks if c not in frame.columns]
+    if missing:
+        raise UserError(f"encoded data lacks column(s) {', '.join(missing)}: re-run mtrec preprocess")
+    users = torch.from_numpy(frame["_user"].to_numpy().astype(np.int64)) if "_user" in frame.columns else None
+    return Split(
+        codes=torch.from_numpy(_block(frame, categorical, np.int32)),
+        numeric=torch.from_numpy(_block(frame, numeric, np.float32)),
+        labels=torch.from_numpy(_block(frame, tasks, np.float32)),
+        users=users,
+    )
+
+
+def load_split(data_dir: str | Path, name: str, categorical: list[str], numeric: list[str], tasks: list[str]) -> Split:
+    path = Path(data_dir) / f"{name}.parquet"
+    if not path.exists():
+        raise UserError(f"{path} not found: the data directory must be made by mtrec preprocess")
+    try:
+        frame = pl.read_parquet(path, columns=[*categorical, *numeric, *tasks,
+                                               *(["_user"] if "_user" in pl.read_parquet_schema(path) else [])])
+    except pl.exceptions.ColumnNotFoundError as err:
+        raise UserError(f"{path} lacks a column the schema names ({err}): re-run mtrec preprocess") from err
+    except (OSError, pl.exceptions.ComputeError) as err:
+        raise UserError(f"cannot read {path} ({err}): re-run mtrec preprocess") from err
+    if frame.height == 0:
+        raise UserError(f"the {name} split in {data_dir} is empty: use more data or other split ratios")
+    return frame_to_split(frame, categorical, numeric, tasks)
+
+
+def epoch_permutation(n: int, seed: int, epoch: int, device) -> Tensor:
+    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    return torch.randperm(n, generator=generator).to(device)
+
+
+def batches(split: Split, perm: Tensor, batch_size: int, start: int = 0):
+    """Yield (codes, numeric, labels) slices for batch indices start, start+1, ... of an epoch."""
+    for begin in range(start * batch_size, len(perm), batch_size):
+        idx = perm[begin:begin + batch_size]
+        yield split.codes[idx], split.numeric[idx], split.labels[idx]
+
+
+def eval_batches(split: Split, batch_size: int):
+    for begin in range(0, len(split), batch_size):
+        end = begin + batch_size
+        yield split.codes[begin:end], split.numeric[begin:end]

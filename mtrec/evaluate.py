@@ -1,0 +1,117 @@
+"""Scoring: predictions over a whole split, per-task metrics, and evaluating a saved run."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+from pathlib import Path
+
+import torch
+
+from mtrec import checkpoint, metrics
+from mtrec.data.tensors import Split, eval_batches, frame_to_split, load_split
+from mtrec.errors import UserError
+
+
+@torch.no_grad()
+def predict(model, split: Split, batch_size: int, autocast_dtype=None) -> torch.Tensor:
+    """Logits ``[N, T]`` in fp32 on the split's device."""
+    was_training = model.training
+    model.eval()
+    device = split.labels.device
+    ctx = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
+    out = []
+    with ctx:
+        for codes, numeric in eval_batches(split, batch_size):
+            out.append(model(codes, numeric).float())
+    model.train(was_training)
+    return torch.cat(out)
+
+
+def split_metrics(model, split: Split, tasks: list[str], batch_size: int, k: int, autocast_dtype=None) -> dict:
+    """{task: {auc, gauc, logloss, ndcg, positive_rate, n}} in task order, plus the mean over tasks."""
+    logits = predict(model, split, batch_size, autocast_dtype)
+    rows = metrics.task_metrics(logits, split.labels, split.users, k=k)
+    per_task = {}
+    for task, row in zip(tasks, rows):
+        per_task[task] = {"auc": row.get("auc"), "gauc": row.get("gauc"), "logloss": row.get("logloss"),
+                          "ndcg": row.get(f"ndcg@{k}", row.get("ndcg")), "positive_rate": row.get("positive_rate"),
+                          "n": row.get("n", len(split))}
+    per_task["mean"] = {key: _mean([r[key] for r in per_task.values()])
+                        for key in ("auc", "gauc", "logloss", "ndcg", "positive_rate")}
+    per_task["mean"]["n"] = len(split)
+    return per_task
+
+
+def _mean(values):
+    values = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    return sum(values) / len(values) if values else None
+
+
+def load_run(run_dir: str | Path, which: str = "best", device: str = "cpu"):
+    """Rebuild the model of a run from its config and checkpoint. Returns (model, cfg, tasks, schema)."""
+    from mtrec.config import TrainConfig
+    from mtrec.data.schema import Schema
+    from mtrec.train import build_for
+
+    run_dir = Path(run_dir)
+    config_path = run_dir / "config.json"
+    if not config_path.exists():
+        raise UserError(f"{run_dir} is not a run directory (no config.json): pass the --out of mtrec train")
+    config = json.loads(config_path.read_text())
+    config.pop("mtrec_version", None)
+    cfg = TrainConfig.from_dict(config)
+    tasks = cfg.tasks
+    path = run_dir / f"{which}.pt"
+    if not path.exists() and which == "best":
+        path = run_dir / "last.pt"
+    state, meta = checkpoint.load(path, map_location=device)
+    schema = Schema.from_dict(json.loads((run_dir / "schema.json").read_text()))
+    model, _ = build_for(cfg, schema, tasks)
+    try:
+        model.load_state_dict(state["model"])
+    except (RuntimeError, KeyError) as err:
+        raise UserError(f"checkpoint {path} does not match the run's config ({err}); it may be from another run") from err
+    return model.to(device), cfg, tasks, schema
+
+
+def evaluate_run(run_dir: str | Path, data: str | None = None, raw: str | None = None, split: str = "test",
+                 device: str = "auto", which: str = "best") -> dict:
+    from mtrec.data.schema import Schema
+    from mtrec.train import autocast_dtype, feature_names, resolve_device
+
+    dev = resolve_device(device)
+    model, cfg, tasks, run_schema = load_run(run_dir, which, dev)
+    data_dir = Path(data or cfg.data)
+    categorical, numeric = feature_names(run_schema)
+    if raw is not None:
+        from mtrec.data.encode import encode, read_raw
+
+        data_schema = Schema.load(data_dir)
+        _check_same_schema(run_schema, data_schema, data_dir)
+        frame = encode(read_raw(raw), data_schema, data_dir / "vocab")
+        if hasattr(frame, "collect"):
+            frame = frame.collect()
+        if frame.height == 0:
+            raise UserError(f"{raw} has no rows")
+        part = frame_to_split(frame, categorical, numeric, tasks)
+        label = f"raw {raw}"
+    else:
+        if split not in ("train", "valid", "test"):
+            raise UserError(f"--split must be train, valid or test, not {split!r}")
+        _check_same_schema(run_schema, Schema.load(data_dir), data_dir)
+        part = load_split(data_dir, split, categorical, numeric, tasks)
+        label = f"{split} split of {data_dir}"
+    result = split_metrics(model, part.to(dev), tasks, cfg.eval_batch_size, cfg.ndcg_k, autocast_dtype(cfg, dev))
+    return {"run": str(run_dir), "data": label, "tasks": tasks, "target": tasks[0], "ndcg_k": cfg.ndcg_k,
+            "metrics": result}
+
+
+def _check_same_schema(run_schema, data_schema, data_dir) -> None:
+    def shape(s):
+        return [(f.name, f.kind, f.vocab_size if f.kind == "categorical" else None) for f in s.features]
+
+    if shape(run_schema) != shape(data_schema) or not set(run_schema.labels) <= set(data_schema.labels):
+        raise UserError(f"the data in {data_dir} has other features or tasks than the run was trained on: "
+                        "evaluate on data made by the same mtrec preprocess run (or pass --raw logs)")

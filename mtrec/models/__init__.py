@@ -1,0 +1,22 @@
+"""Models: ``build(name, ...)`` returns a network with ``model(codes, numeric) -> logits [B, T]``."""
+
+from __future__ import annotations
+
+from mtrec.errors import UserError
+from mtrec.models.multitask import ARCHITECTURES, ModelConfig, MultiTaskModel, SingleTask
+
+__all__ = ["ARCHITECTURES", "ModelConfig", "MultiTaskModel", "SingleTask", "build", "names"]
+
+
+def names() -> list[str]:
+    return list(ARCHITECTURES)
+
+
+def build(name: str, vocab_sizes: list[int], num_numeric: int, positive_rates: list[float],
+          cfg: ModelConfig | None = None):
+    if name not in ARCHITECTURES:
+        raise UserError(f"unknown model {name!r}: choose one of {', '.join(ARCHITECTURES)}")
+    cfg = cfg or ModelConfig()
+    if name == "ple" and cfg.levels < 1:
+        raise UserError("--levels must be at least 1 for ple (1 = CGC)")
+    return ARCHITECTURES[name](vocab_sizes, num_numeric, positive_rates, cfg)

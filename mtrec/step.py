@@ -1,0 +1,165 @@
+"""One training step: forward, per-task losses, gradients (balanced for the chosen scope), update.
+
+Scopes (DESIGN.md section 5):
+- ``shared``: per-task gradients of the dense shared parameters are balanced; the embedding table
+  gets the plain sum of the tasks' gradients.
+- ``all``: as ``shared`` plus the embedding rows the batch touched (never a dense per-task copy of
+  the table: the per-task gradients of the looked-up vectors are summed into the touched rows).
+- ``representation``: per-task gradients w.r.t. the shared representation ``z`` (the tensors the
+  task-specific parts read) are balanced, then one backward of the combined gradient runs through
+  the shared part (cheapest).
+Task-specific parameters always get their own task's gradient: each task's loss is the only one
+that reaches them, so the sum over tasks of their per-task gradients is exactly that.
+
+All per-task gradients come from one batched autograd call (``is_grads_batched``), falling back
+to a loop of ``autograd.grad`` calls when an op has no batching rule; the graph is freed by the
+last call and the optimizer steps only after every gradient exists.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from mtrec.balancers.base import Balancer, GradBalancer, LossBalancer
+
+SCOPES = ("shared", "all", "representation")
+
+
+def task_losses(logits: Tensor, labels: Tensor) -> Tensor:
+    """Batch-mean binary cross-entropy per task, ``[T]``, in fp32."""
+    return F.binary_cross_entropy_with_logits(logits.float(), labels, reduction="none").mean(0)
+
+
+class PerTaskGrads:
+    """``grads(losses, inputs)`` -> per input a ``[T, *shape]`` tensor of per-task gradients."""
+
+    def __init__(self, num_tasks: int):
+        self.num_tasks = num_tasks
+        self.batched: bool | None = None  # decided on the first call
+
+    def __call__(self, losses: Tensor, inputs: list[Tensor]) -> list[Tensor]:
+        T = self.num_tasks
+        if self.batched is not False:
+            eye = torch.eye(T, device=losses.device, dtype=losses.dtype)
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")  # vmap's notices about slow fallback ops
+                    # The first call keeps the graph so the loop below can still run if it fails.
+                    grads = torch.autograd.grad(losses, inputs, grad_outputs=eye, is_grads_batched=True,
+                                                allow_unused=True, retain_graph=self.batched is None)
+                self.batched = True
+                return [torch.zeros((T, *x.shape), device=x.device, dtype=x.dtype) if g is None else g
+                        for g, x in zip(grads, inputs)]
+            except RuntimeError:
+                self.batched = False
+        rows = []
+        for t in range(T):
+            gs = torch.autograd.grad(losses[t], inputs, retain_graph=t < T - 1, allow_unused=True)
+            rows.append([torch.zeros_like(x) if g is None else g for g, x in zip(gs, inputs)])
+        return [torch.stack(per_input) for per_input in zip(*rows)]
+
+
+class Stepper:
+    """Owns model, optimizer and balancer for the step; ``step(batch)`` returns detached losses."""
+
+    def __init__(self, model, balancer: Balancer, optimizer: torch.optim.Optimizer, scope: str,
+                 device: torch.device, autocast_dtype: torch.dtype | None):
+        self.model, self.balancer, self.optimizer, self.scope = model, balancer, optimizer, scope
+        self.num_tasks = model.num_tasks
+        self.task_params = model.task_parameters()
+        self.shared_params = model.shared_parameters()
+        self.grads = PerTaskGrads(self.num_tasks)
+        self.autocast = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype
+                         else contextlib.nullcontext())
+        self.want_diagnostics = False  # set by the loop on sampled steps
+        self.diagnostics: dict[str, Tensor] | None = None
+
+    def step(self, codes: Tensor, numeric: Tensor, labels: Tensor) -> Tensor | None:
+        """One update; returns the ``[T]`` losses, or None when they were not finite (step skipped)."""
+        self.optimizer.zero_grad(set_to_none=True)
+        if isinstance(self.balancer, LossBalancer):
+            losses = self._loss_weighting(codes, numeric, labels)
+        else:
+            losses = self._grad_combination(codes, numeric, labels)
+        if losses is None:
+            return None
+        self.optimizer.step()
+        if isinstance(self.balancer, LossBalancer) and self.balancer.needs_lookahead:
+            with torch.no_grad(), self.autocast:
+                self.balancer.after_step(task_losses(self.model(codes, numeric), labels))
+        return losses
+
+    def _diagnose(self, grads: list[Tensor]) -> None:
+        """Per shared tensor: per-task gradient norms [K, T] and pairwise cosines [K, T, T]."""
+        if not self.want_diagnostics:
+            return
+        flat = [g.detach().float().flatten(1) for g in grads]
+        norms = torch.stack([f.norm(dim=1) for f in flat])
+        gram = torch.stack([f @ f.T for f in flat])
+        cos = gram / (norms.unsqueeze(2) * norms.unsqueeze(1)).clamp_min(1e-30)
+        self.diagnostics = {"norms": norms, "cosines": cos}
+
+    @staticmethod
+    def _finite(losses: Tensor) -> bool:
+        # The one host sync of the step: a non-finite loss must not touch parameters or state.
+        return bool(torch.isfinite(losses).all())
+
+    def _loss_weighting(self, codes, numeric, labels):
+        with self.autocast:
+            logits = self.model(codes, numeric)
+        losses = task_losses(logits, labels)
+        if not self._finite(losses):
+            return None
+        self.balancer.weigh(losses).backward()
+        return losses.detach()
+
+    def _grad_combination(self, codes, numeric, labels):
+        model, T = self.model, self.num_tasks
+        balancer: GradBalancer = self.balancer  # type: ignore[assignment]
+        with self.autocast:
+            e = model.embed(codes)
+            if self.scope == "representation":
+                z = model.encode(e, numeric)
+                leaves = [t.detach().requires_grad_() for t in z]
+                logits = model.decode(tuple(leaves))
+            else:
+                leaves = [e.detach().requires_grad_()]
+                logits = model.decode(model.encode(leaves[0], numeric))
+        losses = task_losses(logits, labels)
+        if not self._finite(losses):
+            return None
+        detached = losses.detach()
+        if self.scope == "representation":
+            grads = self.grads(losses, leaves + self.task_params)
+            rep_grads, task_grads = grads[:len(leaves)], grads[len(leaves):]
+            combined = balancer.combine([g.float() for g in rep_grads], detached)
+            self._diagnose(rep_grads)
+            torch.autograd.backward(list(z), [c.to(t.dtype) for c, t in zip(combined, z)])
+        else:
+            shared = self.shared_params
+            grads = self.grads(losses, shared + self.task_params + leaves)
+            shared_grads = grads[:len(shared)]
+            task_grads = grads[len(shared):-1]
+            e_grads = grads[-1]  # [T, B, F, d]
+            if self.scope == "all":
+                table = model.embedding.table.weight
+                rows = model.embedding.rows(codes).flatten()
+                touched, where = torch.unique(rows, return_inverse=True)
+                row_grads = e_grads.new_zeros((T, touched.numel(), table.shape[1]))
+                row_grads.index_add_(1, where, e_grads.flatten(1, 2))
+                combined = balancer.combine([g.float() for g in shared_grads] + [row_grads.float()], detached)
+                table.grad = torch.zeros_like(table).index_add_(0, touched, combined.pop().to(table.dtype))
+            else:
+                combined = balancer.combine([g.float() for g in shared_grads], detached)
+                e.backward(e_grads.sum(0))
+            self._diagnose(shared_grads)
+            for p, g in zip(shared, combined):
+                p.grad = g.to(p.dtype)
+        for p, g in zip(self.task_params, task_grads):
+            p.grad = g.sum(0).to(p.dtype)
+        return detached

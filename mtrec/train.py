@@ -1,0 +1,280 @@
+"""The training loop: data on the device, steps, validation, early stopping, checkpoints, resume.
+
+Run directory: ``config.json`` (resolved config), ``schema.json`` (copy of the data's schema),
+``metrics.jsonl`` (one line per epoch), ``diagnostics.jsonl`` (per-task gradient norms and
+cosines per shared tensor, every ``diagnostics_every`` steps), ``best.pt`` and ``last.pt``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import signal
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from mtrec import balancers, checkpoint
+from mtrec.config import TrainConfig
+from mtrec.data.schema import Schema
+from mtrec.data.tensors import Split, batches, epoch_permutation, load_split
+from mtrec.errors import UserError
+from mtrec.evaluate import split_metrics
+from mtrec.models import ModelConfig, SingleTask, build as build_model
+from mtrec.report import TrainProgress, console
+from mtrec.step import SCOPES, Stepper
+
+
+class TrainingInterrupted(Exception):
+    """Ctrl-C: a checkpoint was saved after the current step."""
+
+    def __init__(self, run_dir: Path):
+        super().__init__(str(run_dir))
+        self.run_dir = run_dir
+
+
+@dataclass
+class LoopState:
+    epoch: int = 0
+    step: int = 0  # batches done in the current epoch
+    global_step: int = 0
+    best_auc: float = -math.inf
+    best_epoch: int = -1
+    since_best: int = 0
+    bad_streak: int = 0
+    bad_total: int = 0
+    finished: bool = False
+    history: list[dict] = field(default_factory=list)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for but CUDA is not available: use --device cpu or auto")
+    return torch.device(name)
+
+
+def resolve_tasks(schema: Schema, target: str, tasks: list[str]) -> list[str]:
+    """Task order: the target first, then the others as given (or as the schema lists them)."""
+    labels = list(schema.labels)
+    if not target:
+        raise UserError(f"--target is required: choose one of {', '.join(labels)}")
+    tasks = list(tasks) or labels
+    for task in [target, *tasks]:
+        if task not in labels:
+            raise UserError(f"unknown task {task!r}: the data has labels {', '.join(labels)}")
+    if len(set(tasks)) != len(tasks):
+        raise UserError("--tasks lists a task twice")
+    return [target] + [t for t in tasks if t != target]
+
+
+def feature_names(schema: Schema) -> tuple[list[str], list[str]]:
+    categorical = [f.name for f in schema.features if f.kind == "categorical"]
+    numeric = [f.name for f in schema.features if f.kind == "numeric"]
+    return categorical, numeric
+
+
+def model_config(cfg: TrainConfig) -> ModelConfig:
+    return ModelConfig(embedding_dim=cfg.embedding_dim, expert_sizes=list(cfg.expert_sizes),
+                       tower_sizes=list(cfg.tower_sizes), num_experts=cfg.num_experts,
+                       shared_experts=cfg.shared_experts, task_experts=cfg.task_experts, levels=cfg.levels,
+                       dropout=cfg.dropout)
+
+
+def build_for(cfg: TrainConfig, schema: Schema, tasks: list[str]):
+    """Model and balancer for a config and a schema (shared by train, resume and evaluate)."""
+    categorical, numeric = feature_names(schema)
+    vocab = {f.name: f.vocab_size for f in schema.features if f.kind == "categorical"}
+    rates = [schema.positive_rate[t] for t in tasks]
+    model = build_model(cfg.model, [vocab[c] for c in categorical], len(numeric), rates, model_config(cfg))
+    balancer = balancers.build(cfg.balancer, num_tasks=len(tasks), **cfg.balancer_opts)
+    return model, balancer
+
+
+def autocast_dtype(cfg: TrainConfig, device: torch.device):
+    if cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return None
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, resume: bool = False, force: bool = False, quiet: bool = False):
+        self.cfg = cfg.validate()
+        self.quiet = quiet
+        self.run_dir = Path(cfg.out)
+        if not cfg.out:
+            raise UserError("--out is required: the run directory to create")
+        if resume:
+            if not (self.run_dir / "last.pt").exists():
+                raise UserError(f"nothing to resume in {self.run_dir}: no last.pt (start a new run without --resume)")
+        elif self.run_dir.exists() and any(self.run_dir.iterdir()) and not force:
+            raise UserError(f"run directory {self.run_dir} exists: pass --force to overwrite or --resume to continue")
+        self.schema = Schema.load(cfg.data)
+        self.tasks = resolve_tasks(self.schema, cfg.target, cfg.tasks)
+        self.device = resolve_device(cfg.device)
+        if cfg.scope and cfg.scope not in SCOPES:
+            raise UserError(f"--balance-scope must be one of {', '.join(SCOPES)}, not {cfg.scope!r}")
+        torch.manual_seed(cfg.seed)
+        self.model, self.balancer = build_for(cfg, self.schema, self.tasks)
+        if isinstance(self.model, SingleTask) and self.balancer.kind == "grad":
+            raise UserError("--model single shares no parameters, so there is nothing to balance: "
+                            "use --balancer ew (or a loss-weighting balancer)")
+        self.scope = cfg.scope or self.balancer.default_scope
+        self.model.to(self.device)
+        self.balancer.to(self.device)
+        categorical, numeric = feature_names(self.schema)
+        self.train_split = load_split(cfg.data, "train", categorical, numeric, self.tasks).to(self.device)
+        self.valid_split = load_split(cfg.data, "valid", categorical, numeric, self.tasks).to(self.device)
+        if self.device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        groups = [{"params": list(self.model.parameters()), "weight_decay": cfg.weight_decay}]
+        balancer_params = [p for p in self.balancer.parameters() if p.requires_grad]
+        if balancer_params:
+            groups.append({"params": balancer_params, "weight_decay": 0.0})
+        self.optimizer = torch.optim.Adam(groups, lr=cfg.lr, fused=self.device.type == "cuda" or None)
+        self.stepper = Stepper(self.model, self.balancer, self.optimizer, self.scope, self.device,
+                               autocast_dtype(cfg, self.device))
+        self.state = LoopState()
+        self.stop_requested = False
+        if resume:
+            self._restore(self.run_dir / "last.pt")
+        else:
+            if self.run_dir.exists():
+                shutil.rmtree(self.run_dir)
+            self.run_dir.mkdir(parents=True)
+            config = {**cfg.to_dict(), "tasks": self.tasks, "scope": self.scope, "mtrec_version": 1}
+            checkpoint.atomic_write_text(self.run_dir / "config.json", json.dumps(config, indent=2))
+            checkpoint.atomic_write_text(self.run_dir / "schema.json", json.dumps(self.schema.to_dict(), indent=2))
+
+    # --- checkpoints ------------------------------------------------------------------------
+    def _state(self) -> dict:
+        state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                 "balancer": self.balancer.state_dict(), "rng_cpu": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            state["rng_cuda"] = torch.cuda.get_rng_state(self.device)
+        return state
+
+    def _meta(self) -> dict:
+        s = self.state
+        return {"format": "mtrec-checkpoint", "version": 1, "tasks": self.tasks, "epoch": s.epoch,
+                "step": s.step, "global_step": s.global_step, "best_auc": s.best_auc, "best_epoch": s.best_epoch,
+                "since_best": s.since_best, "bad_total": s.bad_total, "finished": s.finished,
+                "history": s.history, "config": self.cfg.to_dict(), "scope": self.scope}
+
+    def save(self, name: str) -> None:
+        checkpoint.save(self.run_dir / name, self._state(), self._meta())
+
+    def _restore(self, path: Path) -> None:
+        state, meta = checkpoint.load(path, map_location=self.device)
+        if meta.get("tasks") != self.tasks:
+            raise UserError(f"cannot resume: the run trained tasks {meta.get('tasks')}, this config gives {self.tasks}")
+        try:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.balancer.load_state_dict(state["balancer"])
+        except (RuntimeError, KeyError, ValueError) as err:
+            raise UserError(f"cannot resume from {path}: it does not match this model/balancer ({err})") from err
+        torch.set_rng_state(state["rng_cpu"].cpu())
+        if "rng_cuda" in state and self.device.type == "cuda":
+            torch.cuda.set_rng_state(state["rng_cuda"].cpu(), self.device)
+        fields = LoopState.__dataclass_fields__
+        self.state = LoopState(**{k: meta[k] for k in fields if k in meta and k not in ("bad_streak",)})
+
+    # --- the loop ---------------------------------------------------------------------------
+    def run(self) -> dict:
+        cfg, s = self.cfg, self.state
+        previous = signal.signal(signal.SIGINT, self._on_sigint)
+        try:
+            with TrainProgress(self.tasks, quiet=self.quiet) as progress:
+                while not s.finished and s.epoch < cfg.epochs:
+                    self._epoch(progress)
+        finally:
+            signal.signal(signal.SIGINT, previous)
+        return {"best_epoch": s.best_epoch, "best_valid_auc": s.best_auc, "history": s.history,
+                "skipped_steps": s.bad_total, "run_dir": str(self.run_dir)}
+
+    def _on_sigint(self, signum, frame) -> None:
+        self.stop_requested = True
+
+    def _epoch(self, progress: TrainProgress) -> None:
+        cfg, s = self.cfg, self.state
+        n = len(self.train_split)
+        steps = math.ceil(n / cfg.batch_size)
+        perm = epoch_permutation(n, cfg.seed, s.epoch, self.device)
+        progress.epoch(s.epoch, steps, s.step)
+        loss_sum = torch.zeros(len(self.tasks), device=self.device)
+        good, pending_steps, pending_samples = 0, 0, 0
+        diag_path = self.run_dir / "diagnostics.jsonl"
+        for codes, numeric, labels in batches(self.train_split, perm, cfg.batch_size, start=s.step):
+            self.stepper.want_diagnostics = cfg.diagnostics_every > 0 and s.global_step % cfg.diagnostics_every == 0
+            losses = self.stepper.step(codes, numeric, labels)
+            s.step += 1
+            s.global_step += 1
+            pending_steps += 1
+            pending_samples += labels.shape[0]
+            if losses is None:
+                s.bad_streak += 1
+                s.bad_total += 1
+                if s.bad_streak >= cfg.max_bad_steps:
+                    raise UserError(f"{s.bad_streak} steps in a row had a non-finite loss: training stopped, the "
+                                    f"last good checkpoint is {self.run_dir / 'last.pt'} (check the data for "
+                                    "NaN/inf features, or lower --lr)")
+            else:
+                s.bad_streak = 0
+                loss_sum += losses
+                good += 1
+            if self.stepper.diagnostics is not None:
+                self._log_diagnostics(diag_path)
+            if pending_steps >= 20 or s.step == steps:
+                means = (loss_sum / max(good, 1)).tolist()  # host sync only every 20 steps
+                progress.update(pending_steps, pending_samples, means, s.bad_total)
+                pending_steps, pending_samples = 0, 0
+            if self.stop_requested:
+                self.save("last.pt")
+                raise TrainingInterrupted(self.run_dir)
+            if cfg.checkpoint_every and s.global_step % cfg.checkpoint_every == 0 and s.step < steps:
+                self.save("last.pt")
+        self._end_epoch(progress.samples_per_second)
+
+    def _log_diagnostics(self, path: Path) -> None:
+        d = self.stepper.diagnostics
+        self.stepper.diagnostics = None
+        record = {"step": self.state.global_step, "scope": self.scope,
+                  "norms": d["norms"].tolist(), "cosines": d["cosines"].tolist()}
+        with open(path, "a") as fh:
+            fh.write(json.dumps(record) + "\n")
+
+    def _end_epoch(self, samples_per_second: float) -> None:
+        cfg, s = self.cfg, self.state
+        metrics = split_metrics(self.model, self.valid_split, self.tasks, cfg.eval_batch_size, cfg.ndcg_k,
+                                autocast_dtype(cfg, self.device))
+        target_auc = metrics[self.tasks[0]]["auc"]
+        record = {"epoch": s.epoch + 1, "step": s.global_step, "samples_per_second": samples_per_second,
+                  "skipped_steps": s.bad_total, "valid": metrics}
+        s.history.append(record)
+        s.epoch += 1
+        s.step = 0
+        improved = not math.isnan(target_auc) and target_auc > s.best_auc
+        if improved:
+            s.best_auc, s.best_epoch, s.since_best = target_auc, s.epoch, 0
+        else:
+            s.since_best += 1
+        if s.since_best >= cfg.patience or s.epoch >= cfg.epochs:
+            s.finished = True
+        if improved:
+            self.save("best.pt")
+        self.save("last.pt")
+        lines = "".join(json.dumps(r) + "\n" for r in s.history)
+        checkpoint.atomic_write_text(self.run_dir / "metrics.jsonl", lines)
+        if not self.quiet:
+            aux = "  ".join(f"{t} {metrics[t]['auc']:.4f}" for t in self.tasks[1:])
+            mark = " *" if improved else ""
+            console.print(f"epoch {s.epoch}: valid AUC {self.tasks[0]} {target_auc:.4f}{mark}  {aux}")
+
+
+def train(cfg: TrainConfig, resume: bool = False, force: bool = False, quiet: bool = False) -> dict:
+    return Trainer(cfg, resume=resume, force=force, quiet=quiet).run()

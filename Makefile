@@ -1,0 +1,34 @@
+# Two entry points for a fresh machine (see README): `make demo` and `make test`.
+# Each creates .venv and installs what it needs. Override TORCH to choose a torch build,
+# e.g. `make test TORCH=torch` (the default is the CPU build on this project's machines).
+PYTHON ?= python3
+VENV ?= .venv
+TORCH ?= torch==2.13.0
+BIN := $(VENV)/bin
+DEMO := out/demo
+
+.PHONY: install demo test bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+install: $(BIN)/python
+	@$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q "$(TORCH)"
+	$(BIN)/pip install -q -e ".[test]"
+
+demo: install
+	rm -rf $(DEMO)
+	$(BIN)/mtrec preprocess sample_data/interactions.parquet --labels click,like,share \
+		--user user_id --item item_id --time ts --out $(DEMO)/data
+	$(BIN)/mtrec train $(DEMO)/data --model mmoe --target like --balancer metabalance \
+		--epochs 4 --batch-size 1024 --out $(DEMO)/run
+	$(BIN)/mtrec evaluate $(DEMO)/run --split test
+
+test: install
+	$(BIN)/python -m pytest -q
+
+bench: install
+	$(BIN)/python bench/bench_train.py
+
+clean:
+	rm -rf out .pytest_cache

@@ -6,17 +6,16 @@ exit code 2 (``--debug`` shows the traceback). Ctrl-C during training exits 130 
 
 from __future__ import annotations
 
+import functools
 import json
-import sys
 import traceback
 from pathlib import Path
 from typing import Annotated, Optional
 
-import click
 import typer
 
 from mtrec.errors import UserError
-from mtrec.report import console, err_console, metrics_table, simple_table
+from mtrec.report import console, err_console, metrics_table, render_preprocess, simple_table
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Train multi-task CTR / recommendation models with gradient balancers.")
@@ -28,11 +27,37 @@ def _root(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks f
     _debug["on"] = debug
 
 
+def command(name: str | None = None):
+    """``app.command`` plus the one place where errors become exit codes: a UserError prints one
+    line and exits 2; Ctrl-C during training exits 130 after its checkpoint."""
+
+    def decorate(fn):
+        @functools.wraps(fn)
+        def run(*args, **kwargs):
+            from mtrec.train import TrainingInterrupted
+
+            try:
+                return fn(*args, **kwargs)
+            except UserError as err:
+                if _debug["on"]:
+                    traceback.print_exc()
+                err_console.print(f"error: {err}", markup=False, highlight=False, soft_wrap=True)
+                raise typer.Exit(2) from None
+            except TrainingInterrupted as stop:
+                err_console.print(f"interrupted: checkpoint saved; continue with: mtrec train --resume "
+                                  f"{stop.run_dir}", markup=False, highlight=False, soft_wrap=True)
+                raise typer.Exit(130) from None
+
+        return app.command(name)(run)
+
+    return decorate
+
+
 def _split_list(text: Optional[str]) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()] if text else []
 
 
-@app.command()
+@command()
 def synth(
     out: Annotated[Path, typer.Option(help="Parquet file to write.")],
     rows: Annotated[int, typer.Option(help="Number of impressions.")] = 100_000,
@@ -50,7 +75,7 @@ def synth(
     console.print(f"wrote {rows:,} rows to {out}")
 
 
-@app.command()
+@command()
 def preprocess(
     inputs: Annotated[list[str], typer.Argument(help="Parquet files, directories or globs.")],
     labels: Annotated[str, typer.Option(help="Comma-separated label columns, one per task.")],
@@ -78,17 +103,11 @@ def preprocess(
     if split:
         kwargs["split"] = split
     summary = run(inputs, _split_list(labels), str(out), **kwargs)
-    _print_preprocess(summary)
+    render_preprocess(summary)
     console.print(f"wrote {out}")
 
 
-def _print_preprocess(summary) -> None:
-    from mtrec.report import render_preprocess
-
-    render_preprocess(summary)
-
-
-@app.command()
+@command()
 def train(
     data: Annotated[Optional[str], typer.Argument(help="Directory made by mtrec preprocess.")] = None,
     model: Annotated[Optional[str], typer.Option(help="single, shared-bottom, mmoe or ple.")] = None,
@@ -155,7 +174,7 @@ def _saved_config(run_dir: str) -> dict:
     return values
 
 
-@app.command()
+@command()
 def evaluate(
     run_dir: Annotated[str, typer.Argument(help="Run directory made by mtrec train.")],
     data: Annotated[Optional[str], typer.Option(help="Encoded data directory (default: the run's).")] = None,
@@ -178,7 +197,7 @@ def evaluate(
                                     result["ndcg_k"]))
 
 
-@app.command("balancers")
+@command("balancers")
 def list_balancers():
     """List the registered balancers, what they need, their hyperparameters and papers."""
     from mtrec import balancers as registry
@@ -190,24 +209,5 @@ def list_balancers():
     console.print(simple_table("balancers", ["name", "kind", "needs", "hyperparameters (defaults)", "paper"], rows))
 
 
-def main(argv: list[str] | None = None) -> None:
-    from mtrec.train import TrainingInterrupted
-
-    try:
-        code = app(args=argv, standalone_mode=False, prog_name="mtrec")
-    except click.exceptions.Abort:
-        err_console.print("aborted")
-        sys.exit(130)
-    except click.exceptions.ClickException as err:
-        err.show()
-        sys.exit(err.exit_code)
-    except UserError as err:
-        if _debug["on"]:
-            traceback.print_exc()
-        err_console.print(f"error: {err}", markup=False, highlight=False, soft_wrap=True)
-        sys.exit(2)
-    except TrainingInterrupted as stop:
-        err_console.print(f"interrupted: checkpoint saved; continue with: mtrec train --resume {stop.run_dir}",
-                          markup=False, highlight=False, soft_wrap=True)
-        sys.exit(130)
-    sys.exit(code if isinstance(code, int) else 0)
+def main() -> None:
+    app(prog_name="mtrec")

@@ -1,0 +1,190 @@
+"""Training end to end through the real CLI process: run directory, resume after SIGKILL and after
+Ctrl-C (bit for bit on CPU), non-finite batches, and flat memory over thousands of steps."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import polars as pl
+import pytest
+import torch
+
+from mtrec import checkpoint
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200"}
+SMALL = ["--model", "mmoe", "--target", "like", "--batch-size", "64", "--embedding-dim", "4", "--experts", "2",
+         "--seed", "3", "--quiet"]
+
+
+def mtrec(*args, check=True, **kwargs):
+    proc = subprocess.run([sys.executable, "-m", "mtrec", *map(str, args)], env=ENV, capture_output=True,
+                          text=True, **kwargs)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"mtrec {' '.join(map(str, args))} failed ({proc.returncode}):\n{proc.stderr}")
+    return proc
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    from mtrec.data.preprocess import preprocess
+    from mtrec.data.synth import write_synthetic
+
+    root = tmp_path_factory.mktemp("train")
+    write_synthetic(root / "log.parquet", rows=12_000, seed=5)
+    preprocess([str(root / "log.parquet")], ["click", "like", "share"], str(root / "data"), user="user_id",
+               item="item_id", time="ts")
+    return root / "data"
+
+
+def final_model(run: Path) -> dict:
+    state, meta = checkpoint.load(run / "last.pt")
+    return state["model"], meta
+
+
+def test_run_directory_and_evaluate(data_dir, tmp_path):
+    run = tmp_path / "run"
+    mtrec("train", data_dir, *SMALL, "--epochs", "2", "--out", run)
+    assert sorted(p.name for p in run.iterdir()) == ["best.pt", "config.json", "diagnostics.jsonl", "last.pt",
+                                                      "metrics.jsonl", "schema.json"]
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in lines] == [1, 2]
+    assert list(lines[0]["valid"])[:3] == ["like", "click", "share"]  # target first
+    diag = json.loads((run / "diagnostics.jsonl").read_text().splitlines()[0])
+    assert len(diag["norms"][0]) == 3 and len(diag["cosines"][0]) == 3
+    out = json.loads(mtrec("evaluate", run, "--json").stdout)
+    assert out["target"] == "like" and out["metrics"]["click"]["auc"] > 0.6
+    # An existing run directory is never overwritten without --force.
+    proc = mtrec("train", data_dir, *SMALL, "--epochs", "1", "--out", run, check=False)
+    assert proc.returncode == 2 and "--force" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def _wait_for(predicate, proc, timeout=120):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return True
+        if proc.poll() is not None:
+            return False
+        time.sleep(0.005)
+    return False
+
+
+def _mid_epoch_checkpoint(run: Path):
+    def ready():
+        try:
+            _, meta = checkpoint.load(run / "last.pt")
+        except Exception:
+            return False
+        return meta["epoch"] == 0 and meta["step"] > 0
+    return ready
+
+
+def test_resume_after_sigkill_and_after_ctrl_c_is_bit_for_bit(data_dir, tmp_path):
+    args = [data_dir, *SMALL, "--epochs", "2", "--checkpoint-every", "40"]
+    mtrec("train", *args, "--out", tmp_path / "whole")
+    whole, whole_meta = final_model(tmp_path / "whole")
+
+    # SIGKILL right after the first mid-epoch checkpoint appears.
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "mtrec", "train", *map(str, args), "--out", str(killed)],
+                            env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    assert _wait_for(_mid_epoch_checkpoint(killed), proc), "no mid-epoch checkpoint before the run ended"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    _, meta = checkpoint.load(killed / "last.pt")
+    assert meta["epoch"] == 0 and 0 < meta["step"]
+    mtrec("train", "--resume", killed, "--quiet")
+    resumed, resumed_meta = final_model(killed)
+    assert resumed_meta["history"] == whole_meta["history"] or all(
+        a["valid"] == b["valid"] for a, b in zip(resumed_meta["history"], whole_meta["history"]))
+    for name, tensor in whole.items():
+        assert torch.equal(tensor, resumed[name]), name
+
+    # Ctrl-C: stops after the current step, saves, says how to resume, exits 130.
+    stopped = tmp_path / "stopped"
+    proc = subprocess.Popen([sys.executable, "-m", "mtrec", "train", *map(str, args), "--out", str(stopped)],
+                            env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert _wait_for(_mid_epoch_checkpoint(stopped), proc)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130
+    assert f"mtrec train --resume {stopped}" in err and "Traceback" not in err
+    mtrec("train", "--resume", stopped, "--quiet")
+    final, _ = final_model(stopped)
+    for name, tensor in whole.items():
+        assert torch.equal(tensor, final[name]), name
+    valid = lambda run: [json.loads(x)["valid"] for x in (run / "metrics.jsonl").read_text().splitlines()]  # noqa
+    assert valid(stopped) == valid(tmp_path / "whole") == valid(killed)
+
+
+def _poison(src: Path, dst: Path, fraction: float) -> None:
+    """Copy an encoded data dir with NaN numeric features in a fraction of the train rows."""
+    dst.mkdir()
+    for item in src.iterdir():
+        if item.is_file():
+            (dst / item.name).write_bytes(item.read_bytes())
+    (dst / "vocab").symlink_to(src / "vocab")
+    schema = json.loads((src / "schema.json").read_text())
+    numeric = [f["name"] for f in schema["features"] if f["kind"] == "numeric"]
+    train = pl.read_parquet(src / "train.parquet").with_row_index("_i")
+    every = max(int(round(1 / fraction)), 1)
+    bad = (pl.col("_i") % every) == 0
+    train = train.with_columns([pl.when(bad).then(float("nan")).otherwise(pl.col(c)).cast(pl.Float32).alias(c)
+                                for c in numeric]).drop("_i")
+    train.write_parquet(dst / "train.parquet")
+
+
+def test_non_finite_batches_are_skipped_and_counted(data_dir, tmp_path):
+    _poison(data_dir, tmp_path / "some", fraction=1 / 2000)
+    mtrec("train", tmp_path / "some", *SMALL, "--epochs", "1", "--out", tmp_path / "run")
+    record = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
+    assert 0 < record["skipped_steps"] < 20
+    assert record["valid"]["like"]["auc"] > 0.5  # training went on around the bad batches
+
+    _poison(data_dir, tmp_path / "all", fraction=1.0)
+    proc = mtrec("train", tmp_path / "all", *SMALL, "--epochs", "1", "--max-bad-steps", "5",
+                 "--out", tmp_path / "bad", check=False)
+    assert proc.returncode == 2
+    assert "non-finite" in proc.stderr and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def _rss_mib() -> float:
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+@pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="needs /proc to read RSS")
+def test_memory_stays_flat_over_2000_metabalance_steps(data_dir):
+    from mtrec.config import TrainConfig
+    from mtrec.data.schema import Schema
+    from mtrec.data.tensors import batches, epoch_permutation, load_split
+    from mtrec.step import Stepper
+    from mtrec.train import build_for, feature_names
+
+    torch.set_num_threads(1)
+    schema = Schema.load(data_dir)
+    tasks = ["like", "click", "share"]
+    cfg = TrainConfig(data=str(data_dir), target="like", balancer="metabalance", embedding_dim=8,
+                      expert_sizes=[64, 32], tower_sizes=[16])
+    model, balancer = build_for(cfg, schema, tasks)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    stepper = Stepper(model, balancer, opt, "all", torch.device("cpu"), None)
+    split = load_split(data_dir, "train", *feature_names(schema), tasks)
+    samples, step, epoch = {}, 0, 0
+    while step < 2000:
+        for codes, numeric, labels in batches(split, epoch_permutation(len(split), 0, epoch, "cpu"), 128):
+            stepper.step(codes, numeric, labels)
+            step += 1
+            if step % 100 == 0:
+                samples[step] = _rss_mib()
+            if step == 2000:
+                break
+        epoch += 1
+    after_200 = samples[200]
+    peak = max(v for s, v in samples.items() if s >= 200)
+    assert peak < after_200 * 1.02, f"RSS grew from {after_200:.1f} MiB to {peak:.1f} MiB"

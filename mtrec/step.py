@@ -42,7 +42,7 @@ class PerTaskGrads:
         self.num_tasks = num_tasks
         self.batched: bool | None = None  # decided on the first call
 
-    def __call__(self, losses: Tensor, inputs: list[Tensor]) -> list[Tensor]:
+    def __call__(self, losses: Tensor, inputs: list[Tensor], retain_graph: bool = False) -> list[Tensor]:
         T = self.num_tasks
         if self.batched is not False:
             eye = torch.eye(T, device=losses.device, dtype=losses.dtype)
@@ -51,7 +51,8 @@ class PerTaskGrads:
                     warnings.simplefilter("ignore")  # vmap's notices about slow fallback ops
                     # The first call keeps the graph so the loop below can still run if it fails.
                     grads = torch.autograd.grad(losses, inputs, grad_outputs=eye, is_grads_batched=True,
-                                                allow_unused=True, retain_graph=self.batched is None)
+                                                allow_unused=True,
+                                                retain_graph=retain_graph or self.batched is None)
                 self.batched = True
                 return [torch.zeros((T, *x.shape), device=x.device, dtype=x.dtype) if g is None else g
                         for g, x in zip(grads, inputs)]
@@ -59,7 +60,7 @@ class PerTaskGrads:
                 self.batched = False
         rows = []
         for t in range(T):
-            gs = torch.autograd.grad(losses[t], inputs, retain_graph=t < T - 1, allow_unused=True)
+            gs = torch.autograd.grad(losses[t], inputs, retain_graph=retain_graph or t < T - 1, allow_unused=True)
             rows.append([torch.zeros_like(x) if g is None else g for g, x in zip(gs, inputs)])
         return [torch.stack(per_input) for per_input in zip(*rows)]
 
@@ -115,6 +116,9 @@ class Stepper:
         losses = task_losses(logits, labels)
         if not self._finite(losses):
             return None
+        if self.want_diagnostics and self.shared_params:
+            # Sampled steps only: what the tasks' gradients look like under this loss weighting.
+            self._diagnose(self.grads(losses, self.shared_params, retain_graph=True))
         self.balancer.weigh(losses).backward()
         return losses.detach()
 

@@ -18,10 +18,15 @@ engine's optimizer without weight decay. Nothing in a step may synchronise with 
 
 from __future__ import annotations
 
+import contextlib
+import math
+from collections.abc import Iterator
 from typing import ClassVar
 
 import torch
 from torch import Tensor
+
+from mtrec.errors import UserError
 
 
 class Balancer(torch.nn.Module):
@@ -33,9 +38,17 @@ class Balancer(torch.nn.Module):
     # True when the balancer needs the current losses (GradNorm, DB-MTL, IMTL, DWA ...).
     needs_losses: ClassVar[bool] = False
 
+    # Prefixes of buffers sized at the first combine (one EMA per shared tensor ...).
+    lazy_buffers: ClassVar[tuple[str, ...]] = ()
+
     def __init__(self, num_tasks: int):
         super().__init__()
         self.num_tasks = num_tasks
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # A fresh balancer has not sized its lazy buffers yet: take their shapes from the checkpoint.
+        _materialise_lazy_buffers(self, state_dict, prefix)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
 class LossBalancer(Balancer):
@@ -58,3 +71,182 @@ class GradBalancer(Balancer):
     def combine(self, grads: list[Tensor], losses: Tensor | None = None) -> list[Tensor]:
         """grads[k]: ``[T, *shape_k]``; losses: detached ``[T]`` (given when ``needs_losses``)."""
         raise NotImplementedError
+
+
+# --- helpers shared by the balancers ------------------------------------------------------
+
+
+def _materialise_lazy_buffers(module: Balancer, state_dict, prefix: str) -> None:
+    """Create the lazily-sized buffers a checkpoint holds but a fresh balancer has not made yet.
+
+    Buffers whose shape depends on the gradients (one EMA per shared tensor ...) are created on
+    the first ``combine``; a fresh balancer that loads a checkpoint takes their shapes from it.
+    Only names starting with one of ``module.lazy_buffers`` are created, and only while the
+    balancer's own copy is missing or still empty (a shape clash otherwise stays torch's error).
+    """
+    device = next((b.device for b in module.buffers(recurse=False)), None)
+    for key, value in state_dict.items():
+        name = key[len(prefix):]
+        if not key.startswith(prefix) or "." in name:
+            continue
+        if not any(name.startswith(p) for p in module.lazy_buffers):
+            continue
+        current = module._buffers.get(name)
+        if current is None or current.numel() == 0:
+            dtype = current.dtype if current is not None else value.dtype
+            module.register_buffer(name, torch.zeros(value.shape, dtype=dtype, device=device or value.device))
+
+
+def lazy_state(balancer: Balancer, name: str, shape: tuple[int, ...], like: Tensor) -> Tensor:
+    """The lazily-sized buffer ``name`` (``[0, ...]`` until the first combine) with ``shape``."""
+    buf = getattr(balancer, name)
+    if buf.shape[0] == 0:
+        buf = torch.zeros(shape, dtype=buf.dtype, device=like.device)
+        setattr(balancer, name, buf)
+    elif buf.shape != shape:
+        raise UserError(f"{balancer.name}: its state {name} has shape {tuple(buf.shape)} but these gradients "
+                        f"need {shape}: the balanced tensors changed (resume with the same model and scope)")
+    return buf
+
+
+def require_losses(balancer: Balancer, losses: Tensor | None) -> Tensor:
+    if losses is None:
+        raise ValueError(f"balancer {balancer.name!r} needs the task losses: call combine(grads, losses)")
+    return losses.detach().float()
+
+
+# --- Gram matrix and aggregation -------------------------------------------------------------
+# Every Gram-based method is a *weighting* (T x T Gram -> T task coefficients) followed by the
+# same *aggregation* (sum_t alpha_t g_t per tensor). Norms, Grams and solves run in fp32 or fp64,
+# whatever the gradients' dtype; the combined gradient comes back in the gradients' dtype.
+
+
+@contextlib.contextmanager
+def exact_matmul(x: Tensor) -> Iterator[None]:
+    """TF32 off while we form Gram matrices and combinations (the engine turns it on for the
+    model on CUDA; a 10-bit mantissa would flip the sign of near-orthogonal inner products)."""
+    if not x.is_cuda:
+        yield
+        return
+    matmul = torch.backends.cuda.matmul
+    previous = matmul.allow_tf32
+    matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        matmul.allow_tf32 = previous
+
+
+def rows(g: Tensor) -> Tensor:
+    """``[T, *shape]`` -> ``[T, N]`` in fp32 (no copy when already fp32 and contiguous)."""
+    return g.reshape(g.shape[0], -1).float()
+
+
+def tensor_grams(grads: list[Tensor]) -> Tensor:
+    """Per shared tensor k, the task Gram matrix ``G_k G_k^T``: ``[K, T, T]`` fp32."""
+    with exact_matmul(grads[0]):
+        return torch.stack([r @ r.T for r in map(rows, grads)])
+
+
+def gram_matrix(grads: list[Tensor]) -> Tensor:
+    """``G G^T`` of the flattened, concatenated gradients, as a sum over tensors (no concat)."""
+    with exact_matmul(grads[0]):
+        total = None
+        for r in map(rows, grads):
+            total = r @ r.T if total is None else total.addmm_(r, r.T)
+        return total
+
+
+def weighted_sum(grads: list[Tensor], weights: Tensor) -> list[Tensor]:
+    """``sum_t weights[t] * grads[k][t]`` per tensor; ``weights`` is ``[T]`` or per tensor ``[K, T]``."""
+    out = []
+    with exact_matmul(grads[0]):
+        for k, g in enumerate(grads):
+            w = (weights if weights.dim() == 1 else weights[k]).to(device=g.device, dtype=torch.float32)
+            out.append((w @ rows(g)).reshape(g.shape[1:]).to(g.dtype))
+    return out
+
+
+def small_dtype(x: Tensor) -> torch.dtype:
+    """dtype for the T x T algebra (solves, eigen-decompositions): fp64 where the device has it."""
+    return torch.float32 if x.device.type == "mps" else torch.float64
+
+
+class GramBalancer(GradBalancer):
+    """A weighting of the T x T Gram matrix, aggregated as ``sum_t alpha_t g_t`` per tensor.
+
+    Subclasses implement ``weights(gram, losses) -> alpha [T]``; the Gram is formed once per step
+    (one ``[T, N] @ [N, T]`` product per tensor), never a T^2 loop over tensors.
+    """
+
+    def weights(self, gram: Tensor, losses: Tensor | None = None) -> Tensor:
+        raise NotImplementedError
+
+    def combine(self, grads: list[Tensor], losses: Tensor | None = None) -> list[Tensor]:
+        return weighted_sum(grads, self.weights(gram_matrix(grads), losses))
+
+
+# --- hyperparameter checking -----------------------------------------------------------------
+# build() receives values already typed by the config reader (TOML literals): numbers, strings,
+# lists. Ints are accepted where floats are expected; bools never count as numbers. Intervals
+# are written as in the messages: "[0, 1)", "[0, inf)", "(0, inf)".
+
+
+def _in_interval(x: float, interval: str) -> bool:
+    low, high = (float(part) for part in interval[1:-1].split(","))
+    above = low <= x if interval[0] == "[" else low < x
+    below = x <= high if interval[-1] == "]" else x < high
+    return math.isfinite(x) and above and below
+
+
+def _number(value: object) -> float | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return None
+    return None
+
+
+def check_real(owner: str, name: str, value: object, interval: str) -> float:
+    """``value`` as a float inside ``interval``, else a UserError naming the range."""
+    x = _number(value)
+    if x is None or not _in_interval(x, interval):
+        raise UserError(f"{owner}: {name} must be a number in {interval}, got {value!r}")
+    return x
+
+
+def check_int(owner: str, name: str, value: object, interval: str) -> int:
+    x = _number(value)
+    if x is None or not _in_interval(x, interval) or x != int(x):
+        raise UserError(f"{owner}: {name} must be an integer in {interval}, got {value!r}")
+    return int(x)
+
+
+def check_choice(owner: str, name: str, value: object, choices: tuple[str, ...]) -> str:
+    if not isinstance(value, str) or value not in choices:
+        raise UserError(f"{owner}: {name} must be one of {', '.join(choices)}, got {value!r}")
+    return value
+
+
+def check_reals(owner: str, name: str, value: object, length: int, interval: str,
+                scalar_ok: bool = False) -> list[float]:
+    """``length`` numbers in ``interval`` (one per task); a scalar is broadcast when ``scalar_ok``.
+
+    A comma-separated string (``"1,0.5,0.5"``) counts as a list.
+    """
+    if isinstance(value, str) and "," in value:
+        value = [part.strip() for part in value.split(",")]
+    if scalar_ok and _number(value) is not None:
+        value = [value] * length
+    what = f"{'a number or ' if scalar_ok else ''}a list of {length} numbers (one per task) in {interval}"
+    if not isinstance(value, (list, tuple)) or len(value) != length:
+        raise UserError(f"{owner}: {name} must be {what}, got {value!r}")
+    xs = [_number(v) for v in value]
+    if any(x is None or not _in_interval(x, interval) for x in xs):
+        raise UserError(f"{owner}: {name} must be {what}, got {value!r}")
+    return [float(x) for x in xs]  # type: ignore[arg-type]

@@ -1,0 +1,66 @@
+"""GradNorm (Chen et al., ICML 2018): learn loss weights that equalise the tasks' training rates."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from mtrec.balancers.base import GradBalancer, check_real, require_losses, weighted_sum
+
+
+class GradNorm(GradBalancer):
+    """Weights ``w = T softmax(l)`` (LibMTL's parametrisation; logits l init 1, so w = 1).
+
+    Each step, with G_t = w_t ||g_t|| (all balanced tensors, as LibMTL), Ltilde_t = L_t / L_t(0)
+    and r_t = Ltilde_t / mean(Ltilde): the model gets ``sum_t sg[w_t] g_t`` (a sum; the weights
+    sum to T) and the logits take one step of their own Adam (``lr``, betas 0.9/0.999, no weight
+    decay) on ``sum_t |G_t - sg[mean(G) r_t^alpha]|``. L(0) is each task's first positive loss
+    (the first batch; LibMTL's epoch-0 average would mean a whole epoch of EW).
+    """
+
+    name = "gradnorm"
+    paper = "Chen et al., ICML 2018 (arXiv 1711.02257)"
+    needs_losses = True
+    betas = (0.9, 0.999)
+    adam_eps = 1e-8
+
+    def __init__(self, num_tasks: int, *, alpha: float = 1.5, lr: float = 1e-3):
+        super().__init__(num_tasks)
+        self.alpha = check_real(self.name, "alpha", alpha, "[0, inf)")
+        self.lr = check_real(self.name, "lr", lr, "(0, inf)")
+        self.register_buffer("logits", torch.ones(num_tasks))
+        self.register_buffer("exp_avg", torch.zeros(num_tasks))
+        self.register_buffer("exp_avg_sq", torch.zeros(num_tasks))
+        self.register_buffer("steps", torch.zeros((), dtype=torch.long))
+        self.register_buffer("initial_losses", torch.zeros(num_tasks))
+
+    def weights(self) -> Tensor:
+        return self.num_tasks * torch.softmax(self.logits, dim=0)
+
+    def combine(self, grads: list[Tensor], losses: Tensor | None = None) -> list[Tensor]:
+        T = self.num_tasks
+        losses = require_losses(self, losses)
+        w = self.weights()
+        combined = weighted_sum(grads, w)
+        norms = torch.stack([torch.linalg.vector_norm(g.reshape(T, -1), dim=1, dtype=torch.float32)
+                             for g in grads]).norm(dim=0)
+        with torch.no_grad():
+            first = (self.initial_losses <= 0) & (losses > 0)
+            self.initial_losses.copy_(torch.where(first, losses, self.initial_losses))
+            known = self.initial_losses > 0
+            rate = torch.where(known, losses / torch.where(known, self.initial_losses, 1.0), 1.0)
+            r = rate / rate.mean().clamp_min(1e-12)
+            G = w * norms
+            target = G.mean() * r.pow(self.alpha)
+            d_w = torch.sign(G - target) * norms  # d/dw_t of sum_t |G_t - target_t|
+            z = torch.softmax(self.logits, dim=0)
+            grad = T * z * (d_w - (z * d_w).sum())  # chain rule through w = T softmax(l)
+            beta1, beta2 = self.betas
+            self.steps += 1
+            self.exp_avg.mul_(beta1).add_((1 - beta1) * grad)
+            self.exp_avg_sq.mul_(beta2).add_((1 - beta2) * grad * grad)
+            t = self.steps.float()
+            m_hat = self.exp_avg / (1 - beta1**t)
+            v_hat = self.exp_avg_sq / (1 - beta2**t)
+            self.logits.sub_(self.lr * m_hat / (v_hat.sqrt() + self.adam_eps))
+        return combined

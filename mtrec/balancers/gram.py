@@ -1,0 +1,123 @@
+"""Weightings in closed form (or a few Newton steps) on the Gram matrix: IMTL-G, Aligned-MTL, Nash-MTL.
+
+Each computes task coefficients alpha [T] from ``M = G G^T`` in fp64; the shared gradient is
+``sum_t alpha_t g_t`` (``GramBalancer.combine``).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from mtrec.balancers.base import GramBalancer, check_int, check_real, small_dtype
+from mtrec.balancers.linalg import solve, symmetric_eigh
+
+
+class IMTL(GramBalancer):
+    """IMTL-G, the gradient half of impartial multi-task learning (Liu et al., ICLR 2021).
+
+    Find alpha with sum_t alpha_t = 1 such that g = sum_t alpha_t g_t has the same projection on
+    every unit task gradient u_t = g_t / ||g_t||: ``alpha_{2..T} = g_1 U^T (D U^T)^{-1}`` with rows
+    ``D_t = g_1 - g_t``, ``U_t = u_1 - u_t``. Here the anchor "task 1" is the task with the largest
+    norm (the solution does not depend on the choice, and it must not be a zero gradient), tasks
+    with an all-zero gradient get alpha = 0, and the T x T system is solved as ridge least squares
+    (delta = 1e-12 of its scale) so that collinear tasks do not break it. IMTL-L (learned loss
+    scales) is not part of a gradient balancer: the heads get their own unscaled gradients.
+    """
+
+    name = "imtl"
+    paper = "Liu et al., ICLR 2021 (openreview.net/forum?id=IMPnRXEWpvr)"
+
+    def weights(self, gram: Tensor, losses: Tensor | None = None) -> Tensor:
+        T = self.num_tasks
+        M = gram.to(small_dtype(gram))
+        norms = torch.diagonal(M).clamp_min(0).sqrt()
+        has = norms > 0
+        anchor = (torch.arange(T, device=M.device) == torch.argmax(norms)).to(M.dtype)
+        inv = torch.where(has, 1 / torch.where(has, norms, torch.ones_like(norms)), torch.zeros_like(norms))
+        # Row t: g . (u_anchor - u_t) = 0 with g = sum_s alpha_s g_s, i.e. B[t, s] alpha_s summed = 0.
+        B = (M @ anchor)[None, :] * (inv * anchor).sum() - M * inv[:, None]
+        top = norms.max()
+        B = B / torch.where(top > 0, top, torch.ones_like(top))
+        eye = torch.eye(T, dtype=M.dtype, device=M.device)
+        B = torch.where(anchor[:, None] > 0, torch.ones_like(B), torch.where(has[:, None], B, eye))
+        BtB = B.T @ B
+        ridge = 1e-12 * torch.diagonal(BtB).sum() / T
+        return solve(BtB + ridge * eye, B.T @ anchor)
+
+
+class AlignedMTL(GramBalancer):
+    """Aligned-MTL (Senushkin et al., CVPR 2023): align the principal components of G.
+
+    ``M = V diag(lambda) V^T``; eigenvalues <= lambda_max * T * eps_fp32 are dropped (rank
+    truncation); ``B = sqrt(lambda_min) V Lambda^{-1/2} V^T`` over the kept ones and
+    ``alpha = B 1``. No hyperparameters. Off the CPU the eigen-decomposition is a fixed number of
+    Jacobi sweeps (``torch.linalg.eigh`` waits for the host on CUDA).
+    """
+
+    name = "aligned-mtl"
+    paper = "Senushkin et al., CVPR 2023 (arXiv 2305.19000)"
+
+    def weights(self, gram: Tensor, losses: Tensor | None = None) -> Tensor:
+        T = self.num_tasks
+        M = gram.to(small_dtype(gram))
+        values, vectors = symmetric_eigh(M)
+        keep = values > values.max() * T * torch.finfo(torch.float32).eps
+        inf = torch.full_like(values, float("inf"))
+        smallest = torch.where(keep, values, inf).min()
+        smallest = torch.where(keep.any(), smallest, torch.zeros_like(smallest))
+        inv_sqrt = torch.where(keep, values.clamp_min(1e-300).rsqrt(), torch.zeros_like(values))
+        B = smallest.sqrt() * (vectors * inv_sqrt[None, :]) @ vectors.T
+        return B.sum(0)
+
+
+class NashMTL(GramBalancer):
+    """Nash-MTL (Navon et al., ICML 2022): the bargaining solution ``(M / ||M||_F) alpha = 1 / alpha``.
+
+    alpha > 0 is the minimiser of the convex ``f(a) = a^T M a / 2 - sum_t log a_t`` (its
+    stationarity condition is exactly the bargaining equation), found by ``iterations`` damped
+    Newton steps (step 1 / (1 + Newton decrement) until the decrement is below 1/4, which keeps
+    a > 0 for this self-concordant f), starting from the exact solution for orthogonal gradients
+    rescaled to the best multiple. The official code instead runs up to 20 cvxpy/ECOS convex-
+    concave iterations on the CPU; both target the same fixed point. A ridge of 1e-6 of the mean
+    diagonal keeps f bounded when 0 lies in the cone of the gradients; zero-gradient tasks get
+    alpha = 0. As the official trainer, the combined gradient's norm is clipped to ``max_norm``
+    (0 turns clipping off).
+    """
+
+    name = "nash-mtl"
+    paper = "Navon et al., ICML 2022 (arXiv 2202.01017)"
+
+    def __init__(self, num_tasks: int, *, max_norm: float = 1.0, iterations: int = 20):
+        super().__init__(num_tasks)
+        self.max_norm = check_real(self.name, "max_norm", max_norm, "[0, inf)")
+        self.iterations = check_int(self.name, "iterations", iterations, "[1, 1000]")
+
+    def bargaining(self, gram: Tensor) -> Tensor:
+        """alpha solving ``(M / ||M||_F) alpha = 1 / alpha`` over the tasks with a gradient."""
+        T = self.num_tasks
+        M = gram.to(small_dtype(gram))
+        has = torch.diagonal(M) > 0
+        both = has[:, None] & has[None, :]
+        M = torch.where(both, M, torch.zeros_like(M))
+        frobenius = torch.linalg.matrix_norm(M)
+        M = M / torch.where(frobenius > 0, frobenius, torch.ones_like(frobenius))
+        eye = torch.eye(T, dtype=M.dtype, device=M.device)
+        ridge = 1e-6 * torch.diagonal(M).sum() / has.sum().clamp_min(1)
+        M = M + torch.diag(torch.where(has, ridge, torch.ones_like(ridge)))  # inactive: alpha_t = 1, dropped
+        a = torch.diagonal(M).rsqrt()
+        a = a * (T / (a @ M @ a)).sqrt()
+        for _ in range(self.iterations):
+            grad = M @ a - 1 / a
+            step = solve(M + torch.diag(a.pow(-2)), grad)
+            decrement = (grad @ step).clamp_min(0).sqrt()
+            a = (a - torch.where(decrement > 0.25, 1 / (1 + decrement), torch.ones_like(decrement)) * step)
+            a = a.clamp_min(1e-12)
+        return torch.where(has, a, torch.zeros_like(a))
+
+    def weights(self, gram: Tensor, losses: Tensor | None = None) -> Tensor:
+        alpha = self.bargaining(gram)
+        if self.max_norm > 0:
+            norm = (alpha @ gram.to(alpha.dtype) @ alpha).clamp_min(0).sqrt()
+            alpha = alpha * (self.max_norm / (norm + 1e-6)).clamp_max(1.0)
+        return alpha

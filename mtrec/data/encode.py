@@ -1,0 +1,173 @@
+"""Raw rows -> encoded rows, with saved vocabularies and statistics.
+
+``encode`` is the one place that turns raw values into codes and standardised numbers: preprocess
+runs it over its own splits, and ``mtrec evaluate --raw`` runs it over new logs, so the same raw
+row always encodes to the same output. It builds one lazy plan: a left join (order kept) against
+each vocabulary frame, and expressions for hashed, bucketized and numeric features. Joins, not
+``replace_strict``: with Polars 2.1 the streaming engine runs joins in bounded memory, while
+``replace_strict`` materialises whole columns (measured: 150 MB vs 670 MB peak for one string
+feature over 10M rows).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from urllib.parse import quote
+
+import polars as pl
+
+from mtrec.data.hashing import stable_hash_expr
+from mtrec.data.labels import check_labels, label_expr
+from mtrec.data.schema import Feature, Schema
+from mtrec.data.sources import _normalise, column_list, scan_inputs
+from mtrec.errors import UserError
+
+PAD, OOV = 0, 1  # reserved codes; the vocabulary starts at 2
+USER_GROUP = "_user"
+NULL_USER = -1
+
+
+def vocab_path(vocab_dir: str | Path, feature: str) -> Path:
+    """``vocab/<feature>.parquet``; names with path-unsafe characters are percent-encoded."""
+    return Path(vocab_dir) / f"{quote(feature, safe='')}.parquet"
+
+
+def uses_vocab(feature: Feature) -> bool:
+    return feature.kind == "categorical" and not feature.hash_buckets and not feature.bucketize
+
+
+def numeric_base(name: str, log1p: bool) -> pl.Expr:
+    """Float64 value with non-finite values as null, then sign(x) * log1p(|x|) when asked."""
+    value = pl.col(name).cast(pl.Float64)
+    value = pl.when(value.is_finite()).then(value)
+    return value.sign() * value.abs().log1p() if log1p else value
+
+
+def _integer_like(dtype: str) -> bool:
+    return dtype.startswith(("Int", "UInt", "Boolean"))
+
+
+def _hash_key(feature: Feature) -> pl.Expr:
+    """The raw value in the dtype family it had at fit time, so int32 vs int64 inputs hash alike."""
+    col = pl.col(feature.name)
+    if _integer_like(feature.dtype):
+        return col.cast(pl.Int64, strict=False)
+    if feature.dtype.startswith("Float"):
+        return col.cast(pl.Float64, strict=False)
+    return col.cast(pl.String, strict=False)
+
+
+def _numeric_expr(feature: Feature) -> pl.Expr:
+    value = numeric_base(feature.name, feature.log1p)
+    fill = feature.mean if feature.fill is None else _transform_scalar(feature.fill, feature.log1p)
+    return ((value.fill_null(fill) - feature.mean) / feature.std).cast(pl.Float32).alias(feature.name)
+
+
+def _transform_scalar(value: float, log1p: bool) -> float:
+    return math.copysign(math.log1p(abs(value)), value) if log1p else float(value)
+
+
+def _hashed_expr(feature: Feature) -> pl.Expr:
+    raw = pl.col(feature.name)
+    hashed = stable_hash_expr(_hash_key(feature)) % feature.hash_buckets + 2
+    return pl.when(raw.is_null()).then(PAD).otherwise(hashed.fill_null(OOV)).cast(pl.Int32).alias(feature.name)
+
+
+def _bucket_expr(feature: Feature) -> pl.Expr:
+    value = numeric_base(feature.name, False)
+    bucket = pl.lit(pl.Series(feature.boundaries or [], dtype=pl.Float64)).search_sorted(value, side="left")
+    return pl.when(value.is_null()).then(PAD).otherwise(bucket + 2).cast(pl.Int32).alias(feature.name)
+
+
+def user_group_expr(name: str, dtype: pl.DataType) -> pl.Expr:
+    """``_user``: the raw id itself when it is an integer, else its stable 64-bit hash; rows with
+    a null user form one group, -1."""
+    if dtype == pl.UInt64:
+        group = pl.col(name).reinterpret(signed=True)  # ids above 2**63 keep distinct groups
+    elif dtype.is_integer() or dtype == pl.Boolean:
+        group = pl.col(name).cast(pl.Int64)
+    else:
+        group = stable_hash_expr(pl.col(name)).reinterpret(signed=True)
+    return group.fill_null(NULL_USER).alias(USER_GROUP)
+
+
+def _check_columns(schema_in: pl.Schema, schema: Schema, labels: list[str], frame: pl.LazyFrame) -> None:
+    features = [f.name for f in schema.features if f.name not in schema_in]
+    missing_labels = [name for name in labels if name not in schema_in]
+    if features:
+        raise UserError(f"the raw log lacks feature column(s) {', '.join(features)} that the model was trained on "
+                        f"(it has: {column_list(frame)}): pass logs with the same columns as at preprocess")
+    if missing_labels:
+        raise UserError(f"the raw log lacks label column(s) {', '.join(missing_labels)} "
+                        f"(it has: {column_list(frame)}): pass logs with the labels to score against")
+    for feature in schema.numeric_features + [f for f in schema.categorical_features if f.bucketize]:
+        dtype = schema_in[feature.name]
+        if not (dtype.is_numeric() or dtype == pl.Boolean):
+            raise UserError(f"column {feature.name!r} is {dtype} in the raw log but numeric at preprocess "
+                            f"(was {feature.dtype}): pass logs with the same column types")
+
+
+def encode(frame: pl.LazyFrame | pl.DataFrame, schema: Schema, vocab_dir: str | Path, *,
+           labels: list[str] | None = None, check: bool = True,
+           keep: tuple[str, ...] = ()) -> pl.LazyFrame | pl.DataFrame:
+    """Encode raw rows with a schema and its vocabularies.
+
+    Output columns: every feature of ``schema.features`` in order (int32 codes: 0 null, 1 OOV;
+    float32 standardised numerics), every label (uint8), and ``_user`` (int64) when the schema names
+    a user column. A LazyFrame in gives a LazyFrame out; a DataFrame in, a DataFrame out.
+    ``check`` validates label values first (one extra pass); preprocess has done that already.
+    ``keep`` names raw columns to pass through unchanged after those.
+    """
+    lazy = isinstance(frame, pl.LazyFrame)
+    plan = frame if lazy else frame.lazy()
+    labels = list(schema.labels if labels is None else labels)
+    schema_in = plan.collect_schema()
+    _check_columns(schema_in, schema, labels, plan)
+    plan = _normalise(plan, schema_in)
+    schema_in = plan.collect_schema()
+    if check:
+        check_labels(plan, labels)
+
+    outputs: list[pl.Expr] = []
+    for index, feature in enumerate(schema.features):
+        if feature.kind == "numeric":
+            outputs.append(_numeric_expr(feature))
+        elif feature.hash_buckets:
+            outputs.append(_hashed_expr(feature))
+        elif feature.bucketize:
+            outputs.append(_bucket_expr(feature))
+        else:
+            plan, code = _join_vocab(plan, feature, index, schema_in[feature.name], vocab_dir)
+            outputs.append(code)
+    outputs += [label_expr(name) for name in labels]
+    if schema.user:
+        if schema.user not in schema_in:
+            raise UserError(f"the raw log lacks the user column {schema.user!r} (needed for GAUC / NDCG): "
+                            "pass logs with the same columns as at preprocess")
+        outputs.append(user_group_expr(schema.user, schema_in[schema.user]))
+    encoded = plan.select(*outputs, *keep)
+    return encoded if lazy else encoded.collect(engine="streaming")
+
+
+def _join_vocab(plan: pl.LazyFrame, feature: Feature, index: int, raw_dtype: pl.DataType,
+                vocab_dir) -> tuple[pl.LazyFrame, pl.Expr]:
+    """Left-join the feature's vocabulary frame; returns the plan and the code expression
+    (null raw value -> PAD, a value not in the vocabulary -> OOV)."""
+    path = vocab_path(vocab_dir, feature.name)
+    if not path.is_file():
+        raise UserError(f"vocabulary {path} is missing: the data directory is incomplete, re-run mtrec preprocess")
+    value_dtype = pl.read_parquet_schema(path)["value"]
+    key, code = f"__mtrec_key{index}", f"__mtrec_code{index}"
+    raw = pl.col(feature.name)
+    plan = plan.with_columns((raw if raw_dtype == value_dtype else raw.cast(value_dtype, strict=False)).alias(key))
+    vocab = pl.scan_parquet(path).select(pl.col("value").alias(key), pl.col("code").alias(code))
+    plan = plan.join(vocab, on=key, how="left", maintain_order="left")
+    expr = pl.when(raw.is_null()).then(PAD).otherwise(pl.col(code).fill_null(OOV)).cast(pl.Int32)
+    return plan, expr.alias(feature.name)
+
+
+def read_raw(path: str | Path | list[str | Path]) -> pl.LazyFrame:
+    """Raw logs for ``mtrec evaluate --raw``: a file, a directory or a glob, checked and scanned."""
+    frame, _ = scan_inputs(path)
+    return frame

@@ -32,6 +32,7 @@ from mtrec import metrics  # noqa: E402
 
 def make_data(rows: int, users: int, seed: int, hashed: bool):
     """Skewed user sizes (log-normal activity), per-user CTR ~ Beta(1, 9), float32 logits."""
+    torch.manual_seed(seed)  # torch.distributions samples from the global generator
     gen = torch.Generator().manual_seed(seed)
     activity = torch.exp(torch.randn(users, generator=gen, dtype=torch.float64))
     user = torch.multinomial(activity, rows, replacement=True, generator=gen)

@@ -48,11 +48,12 @@ Implementation
 --------------
 Scores become an order-preserving ``int32`` key (the IEEE bits of a ``float32`` score with the
 negative range flipped; dense ranks from one extra sort for ``float64`` / integer scores). Group
-ids become dense ``[0, G)`` ints (``ids - min`` when their range fits 31 bits, else
-``torch.unique``'s inverse -- e.g. hashed ids), and ``group << 32 | score key`` is sorted once
-(an integer radix sort on CPU and CUDA). Runs of equal keys are the tie blocks, never spanning
-two groups; per-block and per-group positive / negative counts come from one cumulative sum of
-the sorted labels, and per-group sums from cumulative sums over the blocks. Counts are int64
+ids become dense ints (``ids - min`` when their range is below 2^30, else ``torch.unique``'s
+inverse -- e.g. hashed ids), and one int64 key ``group << 33 | score << 1 | label`` is sorted
+(an integer sort, no gather afterwards). Runs of equal ``key >> 1`` are the tie blocks, never
+spanning two groups; per-block and per-group positive / negative counts come from one cumulative
+sum of the sorted labels; only the blocks holding a positive are kept for the AUC and DCG sums,
+which are per-group cumulative-sum differences (deterministic on CUDA too). Counts are int64
 (exact U statistics), gains float64.
 """
 
@@ -66,7 +67,10 @@ from torch import Tensor
 __all__ = ["auc", "gauc", "logloss", "ndcg_at_k", "positive_rate", "task_metrics"]
 
 _NAN = float("nan")
-_SHIFT = 32
+# sort key layout (int64): dense_group << 33 | score_key32 << 1 | label, the score key signed in
+# [-2^31, 2^31): lexicographic (group, score, label) order for dense group ids below 2^30
+_GROUP_SHIFT = 33
+_MAX_GROUPS = 2**30
 
 
 # --------------------------------------------------------------------------------------------
@@ -128,15 +132,20 @@ def _score_key(scores: Tensor) -> Tensor:
 
 
 def _dense_groups_shifted(groups: Tensor) -> Tensor:
-    """``dense_group_id << 32`` as int64, dense ids in ``[0, G)`` preserving the order of the ids."""
+    """``dense_group_id << 33`` as int64, dense ids below 2^30 preserving the order of the ids."""
     if groups.is_floating_point() or groups.is_complex():
         raise TypeError(f"groups must be integer ids, got {groups.dtype}")
     g = groups.to(torch.int64)
     if g.numel() == 0:
         return g
     lo, hi = (int(v) for v in torch.stack(torch.aminmax(g)).tolist())  # one sync per call
-    dense = g - lo if hi - lo < 2**31 else torch.unique(g, return_inverse=True)[1]
-    return dense << _SHIFT
+    if hi - lo < _MAX_GROUPS:
+        dense = g - lo
+    else:  # e.g. hashed ids: rank them (at most N distinct)
+        if g.numel() > _MAX_GROUPS:
+            raise ValueError(f"at most {_MAX_GROUPS} rows are supported with sparse group ids")
+        dense = torch.unique(g, return_inverse=True)[1]
+    return dense << _GROUP_SHIFT
 
 
 @dataclass
@@ -176,8 +185,13 @@ def _blocks(key32: Tensor, pos: Tensor, gshift: Tensor | None) -> _Blocks:
     n = key32.shape[0]
     device = key32.device
     one = torch.ones(1, dtype=torch.bool, device=device)
-    keys, order = torch.sort(key32 if gshift is None else gshift + key32)  # equal keys = one block
-    y = pos[order]
+    key = key32.to(torch.int64).bitwise_left_shift_(1).add_(pos)  # the label rides in the key's last bit
+    if gshift is not None:
+        key.add_(gshift)
+    keys = torch.sort(key).values  # no gather needed: everything is in the sorted keys
+    del key
+    y = keys & 1
+    keys >>= 1  # dense_group << 32 | score key: equal values = one tie block
     starts = torch.nonzero(torch.cat([one, keys[1:] != keys[:-1]])).squeeze(1)  # [B] first row per block
     cpos = _exclusive_cumsum(y)  # cpos[i] = positives among the first i sorted rows
     starts_n = _append(starts, n)  # [B + 1]
@@ -190,7 +204,7 @@ def _blocks(key32: Tensor, pos: Tensor, gshift: Tensor | None) -> _Blocks:
         pb_group = torch.zeros(pb.shape[0], dtype=torch.int64, device=device)
     else:
         # group boundaries are a subset of block boundaries: compare group ids at block starts
-        gid = (keys[starts] + 2**31) >> _SHIFT  # key32 lies in [-2^31, 2^31)
+        gid = (keys[starts] + 2**31) >> (_GROUP_SHIFT - 1)  # the score key lies in [-2^31, 2^31)
         group_row_start = starts[torch.nonzero(torch.cat([one, gid[1:] != gid[:-1]])).squeeze(1)]
         pb_group = torch.searchsorted(group_row_start, starts[pb], right=True) - 1
     num_groups = group_row_start.shape[0]

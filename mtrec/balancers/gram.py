@@ -26,7 +26,7 @@ class IMTL(GramBalancer):
     """
 
     name = "imtl"
-    paper = "Liu et al., ICLR 2021 (openreview.net/forum?id=IMPnRXEWpvr)"
+    paper = "Liu et al., ICLR 2021 (Towards Impartial Multi-task Learning)"
 
     def weights(self, gram: Tensor, losses: Tensor | None = None) -> Tensor:
         T = self.num_tasks
@@ -43,7 +43,8 @@ class IMTL(GramBalancer):
         B = torch.where(anchor[:, None] > 0, torch.ones_like(B), torch.where(has[:, None], B, eye))
         BtB = B.T @ B
         ridge = 1e-12 * torch.diagonal(BtB).sum() / T
-        return solve(BtB + ridge * eye, B.T @ anchor)
+        alpha = solve(BtB + ridge * eye, B.T @ anchor)
+        return torch.where(has, alpha, torch.zeros_like(alpha))
 
 
 class AlignedMTL(GramBalancer):
@@ -74,13 +75,13 @@ class AlignedMTL(GramBalancer):
 class NashMTL(GramBalancer):
     """Nash-MTL (Navon et al., ICML 2022): the bargaining solution ``(M / ||M||_F) alpha = 1 / alpha``.
 
-    alpha > 0 is the minimiser of the convex ``f(a) = a^T M a / 2 - sum_t log a_t`` (its
-    stationarity condition is exactly the bargaining equation), found by ``iterations`` damped
-    Newton steps (step 1 / (1 + Newton decrement) until the decrement is below 1/4, which keeps
-    a > 0 for this self-concordant f), starting from the exact solution for orthogonal gradients
-    rescaled to the best multiple. The official code instead runs up to 20 cvxpy/ECOS convex-
-    concave iterations on the CPU; both target the same fixed point. A ridge of 1e-6 of the mean
-    diagonal keeps f bounded when 0 lies in the cone of the gradients; zero-gradient tasks get
+    alpha > 0 minimises the convex ``f(a) = a^T M a / 2 - sum_t log a_t`` (its stationarity
+    condition is exactly the bargaining equation): ``iterations`` Newton steps, each trying the
+    full step, its halvings and the always-feasible ``1 / (1 + Newton decrement)`` at once and
+    keeping the best feasible one; the start is the solution for orthogonal gradients, rescaled
+    so that ``a^T M a = T`` (true at the solution). The official code runs up to 20 cvxpy/ECOS
+    convex-concave iterations on the CPU towards the same fixed point. A ridge of 1e-9 M_tt per
+    task keeps f bounded when 0 lies in the cone of the gradients; zero-gradient tasks get
     alpha = 0. As the official trainer, the combined gradient's norm is clipped to ``max_norm``
     (0 turns clipping off).
     """
@@ -103,16 +104,26 @@ class NashMTL(GramBalancer):
         frobenius = torch.linalg.matrix_norm(M)
         M = M / torch.where(frobenius > 0, frobenius, torch.ones_like(frobenius))
         eye = torch.eye(T, dtype=M.dtype, device=M.device)
-        ridge = 1e-6 * torch.diagonal(M).sum() / has.sum().clamp_min(1)
-        M = M + torch.diag(torch.where(has, ridge, torch.ones_like(ridge)))  # inactive: alpha_t = 1, dropped
+        # Ridge relative to each task's own scale (the problem is invariant to rescaling a task:
+        # alpha_t just scales inversely); inactive tasks get an identity row and are dropped.
+        diag = torch.diagonal(M)
+        M = M + torch.diag(torch.where(has, 1e-9 * diag, torch.ones_like(diag)))
         a = torch.diagonal(M).rsqrt()
         a = a * (T / (a @ M @ a)).sqrt()
+        # Step sizes tried at once: the full step, halvings, and 1 / (1 + decrement), which is
+        # always feasible and decreases f (self-concordance); the best feasible one is taken.
+        trials = 0.5 ** torch.arange(12, dtype=M.dtype, device=M.device)
         for _ in range(self.iterations):
             grad = M @ a - 1 / a
             step = solve(M + torch.diag(a.pow(-2)), grad)
             decrement = (grad @ step).clamp_min(0).sqrt()
-            a = (a - torch.where(decrement > 0.25, 1 / (1 + decrement), torch.ones_like(decrement)) * step)
-            a = a.clamp_min(1e-12)
+            sizes = torch.cat([trials, (1 / (1 + decrement)).reshape(1)])
+            candidates = a - sizes[:, None] * step
+            feasible = (candidates > 0).all(1)
+            safe = candidates.clamp_min(1e-300)
+            value = 0.5 * ((safe @ M) * safe).sum(1) - safe.log().sum(1)
+            best = torch.argmin(torch.where(feasible, value, torch.full_like(value, float("inf"))))
+            a = candidates.index_select(0, best.view(1))[0].clamp_min(1e-300)
         return torch.where(has, a, torch.zeros_like(a))
 
     def weights(self, gram: Tensor, losses: Tensor | None = None) -> Tensor:

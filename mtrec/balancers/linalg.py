@@ -8,6 +8,8 @@ symmetric eigen-decomposition.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
@@ -29,32 +31,40 @@ def _round_robin(n: int) -> list[list[tuple[int, int]]]:
     return rounds
 
 
+@functools.lru_cache(maxsize=32)
+def _jacobi_plan(n: int, device: torch.device, dtype: torch.dtype) -> list[tuple[Tensor, Tensor]]:
+    """Per round, one-hot selectors ``P, Q [pairs, n]`` of the rotated (p, q) planes (cached, so the
+    host-to-device copy happens once)."""
+    eye = torch.eye(n, dtype=dtype)
+    plan = []
+    for pairs in _round_robin(n):
+        if pairs:
+            P = eye[[a for a, _ in pairs]].to(device)
+            Q = eye[[b for _, b in pairs]].to(device)
+            plan.append((P, Q))
+    return plan
+
+
 def jacobi_eigh(A: Tensor, sweeps: int = 10) -> tuple[Tensor, Tensor]:
     """Eigenvalues (ascending) and eigenvectors of a symmetric ``[n, n]`` matrix.
 
     Parallel cyclic Jacobi: each round rotates n/2 disjoint (p, q) planes at once, zeroing
-    A[p, q]; a sweep covers every pair. Convergence is quadratic, so 10 sweeps reach working
-    precision for the n <= ~20 of multi-task learning (checked against ``torch.linalg.eigh``).
+    A[p, q]; a sweep covers every pair. Rotations are built from one-hot selectors with matrix
+    products only (no indexing by device tensors). Convergence is quadratic: 10 sweeps reach
+    ~1e-11 relative accuracy in fp64 for the n <= ~20 of multi-task learning.
     """
     n = A.shape[-1]
-    A = A.clone()
     V = torch.eye(n, dtype=A.dtype, device=A.device)
-    plans = []
-    for pairs in _round_robin(n):
-        if pairs:
-            p = torch.tensor([a for a, _ in pairs], device=A.device)
-            q = torch.tensor([b for _, b in pairs], device=A.device)
-            plans.append((p, q))
     for _ in range(sweeps):
-        for p, q in plans:
-            app, aqq, apq = A[p, p], A[q, q], A[p, q]
+        for P, Q in _jacobi_plan(n, A.device, A.dtype):
+            PA, QA = P @ A, Q @ A
+            app, aqq, apq = (PA * P).sum(1), (QA * Q).sum(1), (PA * Q).sum(1)
             theta = 0.5 * torch.atan2(2 * apq, app - aqq)
             c, s = torch.cos(theta), torch.sin(theta)
-            J = torch.eye(n, dtype=A.dtype, device=A.device)
-            J[p, p] = c
-            J[q, q] = c
-            J[p, q] = -s
-            J[q, p] = s
+            # J = I + P^T (c-1) P + Q^T (c-1) Q - P^T s Q + Q^T s P
+            J = (torch.eye(n, dtype=A.dtype, device=A.device)
+                 + P.T @ ((c - 1)[:, None] * P) + Q.T @ ((c - 1)[:, None] * Q)
+                 - P.T @ (s[:, None] * Q) + Q.T @ (s[:, None] * P))
             A = J.T @ A @ J
             V = V @ J
     values = torch.diagonal(A)

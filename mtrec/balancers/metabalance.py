@@ -37,6 +37,7 @@ class MetaBalance(GradBalancer):
         target = m[:, :1]
         s = self.relax * target / m.clamp_min(1e-12) + (1 - self.relax)
         apply = m >= 1e-12
+        apply[:, 0] = False  # the target stays exactly as it is
         if self.mode == "reduce_only":
             apply = apply & (m > target)
         elif self.mode == "enlarge_only":

@@ -6,7 +6,8 @@ so the whole procedure runs on the T x T Gram matrix: ``h_i . g_j = (C M)[i, j]`
 ``||h_i||^2 = (C M C^T)[i, i]``. The T tasks are processed in parallel (one order per task), which
 is T - 1 (GradVac) or T (PCGrad) small steps per combine, whatever the model size.
 
-The orders come from the global torch RNG (on the CPU), which the engine checkpoints.
+The orders come from the global torch RNG of the gradients' device (drawn there, so no
+host-to-device copy), whose state the engine checkpoints.
 """
 
 from __future__ import annotations
@@ -27,12 +28,11 @@ def random_orders(num_tasks: int, include_self: bool, device: torch.device) -> T
     Each task gets its own shuffled order (as PCGrad's and GradVac's reference code); without
     ``include_self`` task i is left out of its own order.
     """
-    keys = torch.rand(num_tasks, num_tasks)
+    keys = torch.rand(num_tasks, num_tasks, device=device)
     if not include_self:
         keys.fill_diagonal_(2.0)  # sorts last, then dropped
     order = torch.argsort(keys, dim=1)[:, : num_tasks if include_self else num_tasks - 1]
-    onehot = order.T[:, :, None] == torch.arange(num_tasks)[None, None, :]
-    return onehot.to(device)
+    return order.T[:, :, None] == torch.arange(num_tasks, device=device)[None, None, :]
 
 
 class PCGrad(GramBalancer):

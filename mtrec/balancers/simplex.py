@@ -83,7 +83,7 @@ def pairwise_frank_wolfe(A: Tensor, w: Tensor, active: Tensor, gradient: Callabl
     """
     T = w.shape[0]
     tasks = torch.arange(T, device=w.device)
-    inf = torch.tensor(float("inf"), dtype=w.dtype, device=w.device)
+    inf = torch.full((), float("inf"), dtype=w.dtype, device=w.device)
     Aw = A @ w
     for _ in range(iterations):
         g = gradient(w, Aw)

@@ -20,7 +20,7 @@ import polars as pl
 from mtrec.data.hashing import stable_hash_expr
 from mtrec.data.labels import check_labels, label_expr
 from mtrec.data.schema import Feature, Schema
-from mtrec.data.sources import _normalise, column_list, scan_inputs
+from mtrec.data.sources import column_list, normalise_dtypes, scan_inputs
 from mtrec.errors import UserError
 
 PAD, OOV = 0, 1  # reserved codes; the vocabulary starts at 2
@@ -124,7 +124,7 @@ def encode(frame: pl.LazyFrame | pl.DataFrame, schema: Schema, vocab_dir: str | 
     labels = list(schema.labels if labels is None else labels)
     schema_in = plan.collect_schema()
     _check_columns(schema_in, schema, labels, plan)
-    plan = _normalise(plan, schema_in)
+    plan = normalise_dtypes(plan, schema_in)
     schema_in = plan.collect_schema()
     if check:
         check_labels(plan, labels)

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from mtrec.data.encode import OOV, encode, uses_vocab, vocab_path
+from mtrec.data.encode import OOV, encode, vocab_path
 from mtrec.data.fit import fit
 from mtrec.data.labels import check_labels
 from mtrec.data.schema import Feature, Schema

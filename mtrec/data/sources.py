@@ -66,7 +66,7 @@ def resolve_inputs(inputs: str | Path | list[str | Path]) -> list[Path]:
     return unique
 
 
-def _normalise(frame: pl.LazyFrame, schema: pl.Schema) -> pl.LazyFrame:
+def normalise_dtypes(frame: pl.LazyFrame, schema: pl.Schema) -> pl.LazyFrame:
     """Dictionary strings read as plain strings, decimals as floats: one dtype per kind of value."""
     casts = []
     for name, dtype in schema.items():
@@ -88,7 +88,7 @@ def scan_files(files: list[Path]) -> pl.LazyFrame:
             raise UserError(f"{path} and {first_path} have different columns or dtypes ({', '.join(diff)}): "
                             "make the files agree or preprocess them separately")
     frame = pl.scan_parquet([str(p) for p in files])
-    return _normalise(frame, first)
+    return normalise_dtypes(frame, first)
 
 
 def scan_inputs(inputs: str | Path | list[str | Path]) -> tuple[pl.LazyFrame, list[Path]]:

@@ -32,6 +32,7 @@ from pathlib import Path
 from mtrec.errors import UserError
 
 SPEC_KINDS = ("categorical", "numeric", "drop")
+MAX_HASH_BUCKETS = 2**31 - 3  # codes 2 + bucket must fit in int32
 _OPTIONS = {"kind": str, "min_count": int, "hash_buckets": int, "log1p": bool, "fill": float, "bucketize": int}
 
 
@@ -67,6 +68,9 @@ def _value(where: str, name: str, key: str, value):
         raise UserError(f"{where}: [features.{name}] kind must be one of {', '.join(SPEC_KINDS)}, got {value!r}")
     if key in ("min_count", "hash_buckets") and value < 1:
         raise UserError(f"{where}: [features.{name}] {key} must be at least 1, got {value}")
+    if key == "hash_buckets" and value > MAX_HASH_BUCKETS:
+        raise UserError(f"{where}: [features.{name}] hash_buckets must be at most {MAX_HASH_BUCKETS:,} "
+                        "(codes are int32)")
     if key == "bucketize" and value < 2:
         raise UserError(f"{where}: [features.{name}] bucketize must be at least 2 buckets, got {value}")
     if key == "fill" and value != value:

@@ -276,3 +276,18 @@ def test_summary_tables(encoded):
     columns, rows = summary.split_table()
     assert columns == ["split", "rows", "click pos. rate", "like pos. rate", "share pos. rate"]
     assert [r[:2] for r in rows] == [["train", 160], ["valid", 20], ["test", 20]]
+
+
+def test_sample_data_is_what_its_readme_command_makes_and_its_spec_works(tmp_path):
+    from pathlib import Path
+
+    from mtrec.data.synth import synthesize
+
+    sample = Path(__file__).resolve().parents[2] / "sample_data"
+    frame = pl.read_parquet(sample / "interactions.parquet")
+    assert frame.equals(synthesize(100_000, seed=0)), "regenerate sample_data with the command in its README"
+    summary = preprocess([str(sample / "interactions.parquet")], LABELS, str(tmp_path / "out"), user="user_id",
+                         item="item_id", time="ts", spec=str(sample / "spec.toml"))
+    assert summary.schema.feature("item_popularity").bucketize == 10
+    assert summary.schema.feature("item_price").log1p
+    assert summary.warnings == []

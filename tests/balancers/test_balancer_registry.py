@@ -1,0 +1,71 @@
+"""build(): unknown names and bad hyperparameters are UserErrors that name the valid choices."""
+
+import pytest
+
+from mtrec.balancers import build, hparams, names
+from mtrec.errors import UserError
+
+
+def test_unknown_name_lists_the_choices():
+    with pytest.raises(UserError, match="unknown balancer 'metabalnce'.*metabalance.*gradcraft"):
+        build("metabalnce", num_tasks=2)
+
+
+def test_unknown_hyperparameter_lists_the_valid_ones():
+    with pytest.raises(UserError, match=r"unknown hyperparameter\(s\) relaxx \(valid: relax, beta, mode\)"):
+        build("metabalance", num_tasks=2, relaxx=0.5)
+    with pytest.raises(UserError, match=r"valid: none"):
+        build("ew", num_tasks=2, anything=1)
+
+
+@pytest.mark.parametrize("name,options,message", [
+    ("metabalance", {"relax": 1.0}, r"relax must be a number in \[0, 1\)"),
+    ("metabalance", {"relax": -0.1}, r"relax must be a number in \[0, 1\)"),
+    ("metabalance", {"beta": 1}, r"beta must be a number in \[0, 1\)"),
+    ("metabalance", {"mode": "shrink"}, "mode must be one of both, reduce_only, enlarge_only"),
+    ("metabalance", {"relax": "high"}, r"relax must be a number in \[0, 1\)"),
+    ("metabalance", {"relax": True}, r"relax must be a number"),
+    ("gradcraft", {"tau": -1}, r"tau must be a number in \[0, 1\]"),
+    ("gradcraft", {"eps": -1e-10}, r"eps must be a number in \[0, inf\)"),
+    ("cograd", {"gamma": -0.1}, r"gamma must be a number or a list of 2 numbers"),
+    ("cograd", {"hessian": "full"}, "hessian must be one of diag, outer"),
+    ("cagrad", {"c": -0.5}, r"c must be a number in \[0, inf\)"),
+    ("cagrad", {"rescale": 3}, r"rescale must be an integer in \[0, 2\]"),
+    ("gradnorm", {"alpha": -1}, r"alpha must be a number in \[0, inf\)"),
+    ("dwa", {"temperature": -2}, r"temperature must be a number in \(0, inf\)"),
+    ("dwa", {"window": 0.5}, r"window must be an integer"),
+    ("weights", {"weights": [1, 2, 3]}, "weights must be a list of 2 numbers"),
+    ("weights", {"weights": [1, -1]}, r"weights must be a list of 2 numbers \(one per task\) in \[0, inf\)"),
+    ("weights", {"weights": [0, 0]}, "must not all be zero"),
+    ("pcgrad", {"reduction": "max"}, "reduction must be one of sum, mean"),
+    ("gradvac", {"beta": 0}, r"beta must be a number in \(0, 1\]"),
+    ("gradvac", {"group": "layer"}, "group must be one of model, tensor"),
+    ("mgda", {"normalize": "loss++"}, "normalize must be one of none, l2, loss, loss\\+"),
+    ("nash-mtl", {"max_norm": -1}, r"max_norm must be a number in \[0, inf\)"),
+    ("db-mtl", {"beta": 1.0}, r"beta must be a number in \[0, 1\)"),
+    ("famo", {"lr": 0}, r"lr must be a number in \(0, inf\)"),
+])
+def test_out_of_range_values_name_the_valid_range(name, options, message):
+    with pytest.raises(UserError, match=message):
+        build(name, num_tasks=2, **options)
+
+
+def test_typed_values_are_accepted():
+    b = build("metabalance", num_tasks=3, relax=0, beta="0.5", mode="reduce_only")  # int where float
+    assert (b.relax, b.beta, b.mode) == (0.0, 0.5, "reduce_only")
+    assert build("cograd", num_tasks=2, gamma=[1, 0.5]).gamma.tolist() == [1.0, 0.5]
+    assert build("weights", num_tasks=3, weights="1,0.5,0.5").task_weights.tolist() == [1.0, 0.5, 0.5]
+    assert build("cagrad", num_tasks=2, rescale=2.0).rescale == 2
+
+
+def test_num_tasks_must_be_positive():
+    with pytest.raises(UserError, match="num_tasks"):
+        build("ew", num_tasks=0)
+
+
+@pytest.mark.parametrize("name", names())
+def test_every_balancer_builds_with_its_defaults(name):
+    b = build(name, num_tasks=3)
+    assert b.name == name and b.kind in ("loss", "grad")
+    # The defaults the `mtrec balancers` table shows are valid values when passed back explicitly.
+    build(name, num_tasks=3, **hparams(name))

@@ -50,20 +50,22 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def time_mtrec(fn, device: str, repeats: int) -> tuple[float, list[float], float]:
+def time_mtrec(fn, device: str, repeats: int) -> tuple[float, list[float], float, float]:
+    """(median wall s, wall s per run, value, median process CPU s: all threads, for contention)."""
     value = fn().item()  # warm-up (and CUDA init)
     sync(device)
-    times = []
+    times, cpu = [], []
     for _ in range(repeats):
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         value = fn().item()  # .item() waits for the device
         sync(device)
         times.append(time.perf_counter() - start)
-    return statistics.median(times), times, value
+        cpu.append(time.process_time() - start_cpu)
+    return statistics.median(times), times, value, statistics.median(cpu)
 
 
 def sklearn_gauc_subset(scores: np.ndarray, labels: np.ndarray, groups: np.ndarray, n_users: int, seed: int):
-    """(seconds for the loop, number of users looped, weighted AUC, row mask of the subset)."""
+    """(wall s of the loop, its CPU s, number of users looped, weighted AUC, row mask of the subset)."""
     from sklearn.metrics import roc_auc_score
 
     uniq = np.unique(groups)
@@ -75,15 +77,15 @@ def sklearn_gauc_subset(scores: np.ndarray, labels: np.ndarray, groups: np.ndarr
     cuts = np.flatnonzero(g_sorted[1:] != g_sorted[:-1]) + 1
     per_user = [(labels[part], scores[part]) for part in np.split(idx, cuts)]  # grouping: not timed
 
-    start = time.perf_counter()
+    start, start_cpu = time.perf_counter(), time.process_time()
     num = den = 0.0
     for y, s in per_user:
         if y.min() == y.max():
             continue
         num += len(y) * roc_auc_score(y, s)
         den += len(y)
-    elapsed = time.perf_counter() - start
-    return elapsed, len(per_user), num / den, mask
+    elapsed, cpu = time.perf_counter() - start, time.process_time() - start_cpu
+    return elapsed, cpu, len(per_user), num / den, mask
 
 
 def main() -> None:
@@ -110,26 +112,27 @@ def main() -> None:
     print(f"device: {dev} ({name}); torch {torch.__version__}, {torch.get_num_threads()} CPU threads, "
           f"{os.cpu_count()} cores; load average {os.getloadavg()[0]:.2f} at start")
 
-    med, times, value = time_mtrec(lambda: metrics.gauc(s, y, g), dev, args.repeats)
+    med, times, value, cpu = time_mtrec(lambda: metrics.gauc(s, y, g), dev, args.repeats)
     print(f"mtrec gauc:   {med:8.3f} s median of {args.repeats} "
-          f"(runs {', '.join(f'{t:.3f}' for t in times)}), GAUC = {value:.6f}")
+          f"(runs {', '.join(f'{t:.3f}' for t in times)}; {cpu:.3f} CPU-s), GAUC = {value:.6f}")
     if dev == "cuda":
         print(f"              peak CUDA memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
     if args.ndcg:
         for label, fn in (("auc", lambda: metrics.auc(s, y)), ("ndcg@10", lambda: metrics.ndcg_at_k(s, y, g, 10))):
-            m, _, v = time_mtrec(fn, dev, args.repeats)
-            print(f"mtrec {label:8s}{m:8.3f} s median, value {v:.6f}")
+            m, _, v, c = time_mtrec(fn, dev, args.repeats)
+            print(f"mtrec {label:8s}{m:8.3f} s median ({c:.3f} CPU-s), value {v:.6f}")
 
     s_np, y_np, g_np = logits.numpy(), labels.numpy(), users.numpy()
-    sk_time, sk_users, sk_value, mask = sklearn_gauc_subset(s_np, y_np, g_np, args.sklearn_users, args.seed)
+    sk_time, sk_cpu, sk_users, sk_value, mask = sklearn_gauc_subset(s_np, y_np, g_np, args.sklearn_users, args.seed)
     sub = torch.from_numpy(mask)
     ours_sub = metrics.gauc(logits[sub], labels[sub], users[sub]).item()
     extrapolated = sk_time * n_users / sk_users
     print(f"sklearn loop: {sk_time:8.3f} s for {sk_users:,} random users "
-          f"({sk_time / sk_users * 1e3:.3f} ms/user; grouping rows by user not timed)")
+          f"({sk_time / sk_users * 1e3:.3f} ms/user, {sk_cpu:.3f} CPU-s; grouping rows by user not timed)")
     print(f"              -> {extrapolated:8.1f} s extrapolated linearly to all {n_users:,} users")
     print(f"check on the subset: sklearn {sk_value:.9f}, mtrec {ours_sub:.9f}, |diff| {abs(sk_value - ours_sub):.1e}")
     print(f"ratio: mtrec gauc is {extrapolated / med:,.0f}x faster than the extrapolated per-user sklearn loop")
+    print(f"load average {os.getloadavg()[0]:.2f} at the end (other processes skew wall times: compare CPU-s)")
 
 
 if __name__ == "__main__":

@@ -96,7 +96,13 @@ def test_non_finite_loss_skips_the_step_without_touching_parameters():
 
 
 @pytest.mark.parametrize("model_name", ["shared-bottom", "mmoe", "ple"])
-def test_per_task_gradients_come_from_one_batched_call(model_name):
-    _, _, stepper = setup(model_name, "shared")
-    stepper.step(*data())
+def test_batched_per_task_gradients_work_for_every_architecture(model_name):
+    """The batched call (used on CUDA) must not fall back to the loop for our models."""
+    model, balancer, stepper = setup(model_name, "shared")
+    stepper.grads.batched = None
+    codes, numeric, labels = data()
+    expected = reference_grads(model, codes, numeric, labels)
+    stepper.step(codes, numeric, labels)
     assert stepper.grads.batched is True
+    for name, p in model.named_parameters():
+        assert torch.allclose(p.grad, expected[name], atol=1e-6, rtol=1e-5), name

@@ -1,0 +1,1 @@
+"""Side-by-side comparisons of mtrec with peer libraries (driven by bench/compare_peers.py)."""

@@ -114,6 +114,9 @@ class Trainer:
             raise UserError(f"run directory {self.run_dir} exists: pass --force to overwrite or --resume to continue")
         self.schema = Schema.load(cfg.data)
         self.tasks = resolve_tasks(self.schema, cfg.target, cfg.tasks)
+        if self.schema.positive_rate.get(self.tasks[0], 1.0) <= 0.0:
+            raise UserError(f"the target task {self.tasks[0]!r} has no positive in the train split: "
+                            "choose another --target or split the data differently")
         self.device = resolve_device(cfg.device)
         if cfg.scope and cfg.scope not in SCOPES:
             raise UserError(f"--balance-scope must be one of {', '.join(SCOPES)}, not {cfg.scope!r}")

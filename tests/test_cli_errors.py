@@ -135,6 +135,8 @@ TRAIN_CASES = {
     "batch size 0": (lambda w, t: [w / "data", "--batch-size", "0"], ["batch"]),
     "relax >= 1": (lambda w, t: [w / "data", "--balancer", "metabalance", "--balancer-opt", "relax=1.5"], ["relax"]),
     "unknown scope": (lambda w, t: [w / "data", "--balancer", "pcgrad", "--balance-scope", "everything"], ["scope"]),
+    "target without positives": (lambda w, t: [_fake_data(w, t, lambda s, d: s["positive_rate"].update(share=0.0)),
+                                               "--target", "share"], ["positive"]),
     "single with gradient balancer": (lambda w, t: [w / "data", "--model", "single", "--balancer", "pcgrad"],
                                       ["single"]),
 }
@@ -216,6 +218,18 @@ def test_evaluate_raw_logs_match_encoded_split(world, tmp_path):
     for task in tasks:
         for key in ("auc", "gauc", "logloss", "ndcg"):
             assert raw[task][key] == pytest.approx(expected[task][key], rel=1e-9, abs=1e-12), (task, key)
+
+
+def test_config_paths_are_relative_to_the_config_file(world, tmp_path):
+    (tmp_path / "conf").mkdir()
+    shutil.copytree(world / "data", tmp_path / "conf" / "d")
+    (tmp_path / "conf" / "run.toml").write_text('data = "d"\nout = "r"\ntarget = "click"\nmodel = "shared-bottom"\n'
+                                                'epochs = 1\nembedding_dim = 4\nbatch_size = 1024\n')
+    code, out = invoke("train", "--config", tmp_path / "conf" / "run.toml", "--quiet")
+    assert code == 0, out
+    assert (tmp_path / "conf" / "r" / "best.pt").exists()
+    config = json.loads((tmp_path / "conf" / "r" / "config.json").read_text())
+    assert config["model"] == "shared-bottom" and config["epochs"] == 1
 
 
 def test_debug_shows_the_traceback(world, tmp_path):

@@ -20,7 +20,7 @@ demo: install
 	rm -rf $(DEMO)
 	$(BIN)/mtrec preprocess sample_data/interactions.parquet --labels click,like,share \
 		--user user_id --item item_id --time ts --out $(DEMO)/data
-	$(BIN)/mtrec train $(DEMO)/data --model mmoe --target like --balancer metabalance \
+	$(BIN)/mtrec train $(DEMO)/data --model mmoe --target share --balancer metabalance \
 		--epochs 4 --batch-size 1024 --out $(DEMO)/run
 	$(BIN)/mtrec evaluate $(DEMO)/run --split test
 

@@ -114,10 +114,11 @@ def main() -> None:
             for batch in (int(b) for b in args.batch_sizes.split(",")):
                 base = None
                 for name in ["ew"] + [b for b in names if b != "ew"]:
-                    kind = balancers.build(name, num_tasks=3).kind
+                    probe = balancers.build(name, num_tasks=3)
+                    kind = probe.kind
                     if model == "single" and kind == "grad":
                         continue
-                    scopes = args.scopes.split(",") if kind == "grad" else [""]
+                    scopes = [s for s in args.scopes.split(",") if s in probe.scopes] if kind == "grad" else [""]
                     for scope in scopes:
                         r = time_steps(data, model, name, scope, batch, device, args.steps, args.warmup, {})
                         base = base or r["step_ms"]

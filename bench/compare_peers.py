@@ -22,10 +22,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # peers
 
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "_worker":  # subprocess side of preprocess / rechub
-        from peers import preprocess, rechub
+        import importlib
 
-        kind = sys.argv[2]
-        {"preprocess": preprocess.worker, "rechub": rechub.worker}[kind](sys.argv[3:])
+        importlib.import_module(f"peers.{sys.argv[2]}").worker(sys.argv[3:])
         return
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("comparison", choices=["libmtl", "gauc", "preprocess", "rechub"])

@@ -126,6 +126,9 @@ class Trainer:
             raise UserError("--model single shares no parameters, so there is nothing to balance: "
                             "use --balancer ew (or a loss-weighting balancer)")
         self.scope = cfg.scope or self.balancer.default_scope
+        if self.balancer.kind == "grad" and self.scope not in self.balancer.scopes:
+            raise UserError(f"{cfg.balancer} cannot run with --balance-scope {self.scope}: use "
+                            f"{' or '.join(self.balancer.scopes)}")
         self.model.to(self.device)
         self.balancer.to(self.device)
         categorical, numeric = feature_names(self.schema)

@@ -36,7 +36,18 @@ def header(title: str) -> None:
 
 
 def peak_rss_mib() -> float:
-    """Peak resident set size of this process (Linux reports KiB)."""
+    """Peak resident set size of this process image, MiB.
+
+    ``VmHWM`` from /proc (the high-water mark of this address space). ``ru_maxrss`` is not used on
+    Linux: across ``execve`` it keeps the parent's high-water mark (the benchmark driver's, which has
+    read the data), so every worker would report at least the driver's peak.
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 

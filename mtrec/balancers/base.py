@@ -35,6 +35,8 @@ class Balancer(torch.nn.Module):
     paper: ClassVar[str] = ""
     # Scope used when the user does not pass --balance-scope ("shared", "all", "representation").
     default_scope: ClassVar[str] = "shared"
+    # Scopes the method can run in (DB-MTL keeps per-coordinate state, so only fixed shapes).
+    scopes: ClassVar[tuple[str, ...]] = ("shared", "all", "representation")
     # True when the balancer needs the current losses (GradNorm, DB-MTL, IMTL, DWA ...).
     needs_losses: ClassVar[bool] = False
 

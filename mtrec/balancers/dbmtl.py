@@ -23,6 +23,7 @@ class DBMTL(GradBalancer):
     """
 
     name = "db-mtl"
+    scopes = ("shared",)  # a moving average per coordinate needs tensors of a fixed shape
     paper = "Lin et al., arXiv 2308.12029"
     needs_losses = True
     lazy_buffers = ("grad_ema_",)

@@ -54,7 +54,7 @@ class TrainProgress:
         self.tasks = tasks
         self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                                  TimeElapsedColumn(), TextColumn("{task.fields[info]}"),
-                                 console=console, disable=quiet, transient=False)
+                                 console=console, disable=quiet or not console.is_terminal, transient=True)
         self.bar = None
         self.started = time.perf_counter()
         self.samples = 0

@@ -279,7 +279,8 @@ class Trainer:
         if not self.quiet:
             aux = "  ".join(f"{t} {metrics[t]['auc']:.4f}" for t in self.tasks[1:])
             mark = " *" if improved else ""
-            console.print(f"epoch {s.epoch}: valid AUC {self.tasks[0]} {target_auc:.4f}{mark}  {aux}")
+            console.print(f"epoch {s.epoch}: {samples_per_second:,.0f} samples/s, valid AUC {self.tasks[0]} "
+                          f"{target_auc:.4f}{mark}  {aux}" + (f"  (skipped steps: {s.bad_total})" if s.bad_total else ""))
 
 
 def train(cfg: TrainConfig, resume: bool = False, force: bool = False, quiet: bool = False) -> dict:

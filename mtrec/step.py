@@ -110,9 +110,12 @@ class Stepper:
         self.diagnostics = {"norms": norms, "cosines": cos}
 
     @staticmethod
-    def _finite(losses: Tensor) -> bool:
-        # The one host sync of the step: a non-finite loss must not touch parameters or state.
-        return bool(torch.isfinite(losses).all())
+    def _finite(losses: Tensor, grads: list[Tensor] = ()) -> bool:
+        """The step's host sync: a non-finite loss or gradient must not touch parameters or state."""
+        ok = torch.isfinite(losses).all()
+        if grads:
+            ok = ok & torch.stack([torch.isfinite(g).all() for g in grads]).all()
+        return bool(ok)
 
     def _loss_weighting(self, codes, numeric, labels):
         with self.autocast:
@@ -124,6 +127,8 @@ class Stepper:
             # Sampled steps only: what the tasks' gradients look like under this loss weighting.
             self._diagnose(self.grads(losses, self.shared_params, retain_graph=True))
         self.balancer.weigh(losses).backward()
+        if not self._finite(losses, [p.grad for p in self.model.parameters() if p.grad is not None]):
+            return None  # finite losses, non-finite gradients: nothing was updated yet
         return losses.detach()
 
     def _grad_combination(self, codes, numeric, labels):
@@ -139,11 +144,11 @@ class Stepper:
                 leaves = [e.detach().requires_grad_()]
                 logits = model.decode(model.encode(leaves[0], numeric))
         losses = task_losses(logits, labels)
-        if not self._finite(losses):
-            return None
         detached = losses.detach()
         if self.scope == "representation":
             grads = self.grads(losses, leaves + self.task_params)
+            if not self._finite(detached, grads):  # before the balancer updates any state
+                return None
             rep_grads, task_grads = grads[:len(leaves)], grads[len(leaves):]
             combined = balancer.combine([g.float() for g in rep_grads], detached)
             self._diagnose(rep_grads)
@@ -151,6 +156,8 @@ class Stepper:
         else:
             shared = self.shared_params
             grads = self.grads(losses, shared + self.task_params + leaves)
+            if not self._finite(detached, grads):  # before the balancer updates any state
+                return None
             shared_grads = grads[:len(shared)]
             task_grads = grads[len(shared):-1]
             e_grads = grads[-1]  # [T, B, F, d]

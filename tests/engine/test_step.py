@@ -106,3 +106,23 @@ def test_batched_per_task_gradients_work_for_every_architecture(model_name):
     assert stepper.grads.batched is True
     for name, p in model.named_parameters():
         assert torch.allclose(p.grad, expected[name], atol=1e-6, rtol=1e-5), name
+
+
+@pytest.mark.parametrize("balancer_name", ["ew", "metabalance"])
+def test_non_finite_gradient_with_finite_loss_skips_the_step(balancer_name):
+    from mtrec import balancers
+
+    model, _, _ = setup("mmoe", "shared")
+    balancer = balancers.build(balancer_name, num_tasks=3)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    stepper = Stepper(model, balancer, opt, "shared", torch.device("cpu"), None)
+    codes, numeric, labels = data()
+    stepper.step(codes, numeric, labels)  # one good step so the balancer has state
+    params = [p.detach().clone() for p in model.parameters()]
+    state = {k: v.clone() for k, v in balancer.state_dict().items()}
+    hook = model.experts.weights[0].register_hook(lambda g: torch.full_like(g, float("inf")))
+    assert stepper.step(codes, numeric, labels) is None
+    hook.remove()
+    assert all(torch.equal(a, b) for a, b in zip(params, model.parameters()))
+    assert all(torch.equal(state[k], v) for k, v in balancer.state_dict().items())
+    assert stepper.step(codes, numeric, labels) is not None

@@ -235,3 +235,18 @@ def test_config_paths_are_relative_to_the_config_file(world, tmp_path):
 def test_debug_shows_the_traceback(world, tmp_path):
     code, out = invoke("--debug", "train", tmp_path / "missing", "--target", "click", "--out", tmp_path / "run")
     assert code == 2 and "Traceback" in out
+
+
+def test_balancers_table_lists_every_balancer_and_opts_reach_the_run(world, tmp_path):
+    from mtrec import balancers
+
+    code, out = invoke("balancers")
+    assert code == 0
+    for name in balancers.names():
+        assert name in out
+    code, out = invoke("train", world / "data", "--target", "click", "--balancer", "metabalance",
+                       "--balancer-opt", "relax=0.5", "--balancer-opt", "mode=reduce_only", "--model", "shared-bottom",
+                       "--epochs", "1", "--embedding-dim", "4", "--quiet", "--out", tmp_path / "run")
+    assert code == 0, out
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["balancer_opts"] == {"relax": 0.5, "mode": "reduce_only"}

@@ -126,3 +126,22 @@ def test_non_finite_gradient_with_finite_loss_skips_the_step(balancer_name):
     assert all(torch.equal(a, b) for a, b in zip(params, model.parameters()))
     assert all(torch.equal(state[k], v) for k, v in balancer.state_dict().items())
     assert stepper.step(codes, numeric, labels) is not None
+
+
+@pytest.mark.parametrize("balancer_name", ["metabalance", "gradcraft", "cograd", "mgda"])
+def test_bf16_autocast_step_keeps_fp32_gradients_and_finite_state(balancer_name):
+    from mtrec import balancers
+
+    torch.manual_seed(0)
+    model = build("mmoe", VOCAB, 2, [0.3, 0.1, 0.05], ModelConfig(expert_sizes=[16, 8], tower_sizes=[8]))
+    balancer = balancers.build(balancer_name, num_tasks=3)
+    seen = []
+    original = balancer.combine
+    balancer.combine = lambda grads, losses=None: seen.append([g.dtype for g in grads]) or original(grads, losses)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    stepper = Stepper(model, balancer, opt, balancer.default_scope, torch.device("cpu"), torch.bfloat16)
+    for _ in range(3):
+        assert stepper.step(*data()) is not None
+    assert all(dtype == torch.float32 for dtypes in seen for dtype in dtypes)
+    assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in model.parameters())
+    assert all(torch.isfinite(v).all() for v in balancer.state_dict().values() if v.is_floating_point())

@@ -3,6 +3,7 @@
     python bench/compare_peers.py libmtl     [--quick]   # balancer combine step vs LibMTL 1.1.5
     python bench/compare_peers.py gauc       [--quick]   # GAUC vs sklearn per-user loop and FuxiCTR gAUC
     python bench/compare_peers.py preprocess [--quick]   # preprocessing vs FuxiCTR and a pandas baseline
+             [--rows 1000000,10000000] [--tools mtrec,pandas,fuxictr,fuxictr-ray]
     python bench/compare_peers.py rechub     [--quick]   # MMoE training vs torch-rechub (EW and MetaBalance)
 
 Each command prints one table whose ratios come from the same run. Peers live in their own
@@ -30,6 +31,8 @@ def main() -> None:
     ap.add_argument("comparison", choices=["libmtl", "gauc", "preprocess", "rechub"])
     ap.add_argument("--quick", action="store_true", help="smaller sizes / fewer repetitions (a smoke run)")
     ap.add_argument("--rows", type=str, default=None, help="preprocess: comma-separated row counts")
+    ap.add_argument("--tools", type=str, default=None,
+                    help="preprocess: tools to compare (mtrec,pandas,fuxictr[,fuxictr-ray]; default without Ray)")
     ap.add_argument("--seeds", type=str, default=None, help="rechub: comma-separated seeds (default 1,2,3)")
     ap.add_argument("--workdir", type=str, default=None, help="where data and runs go (default: a temp dir)")
     args = ap.parse_args()
@@ -44,7 +47,7 @@ def main() -> None:
     elif args.comparison == "preprocess":
         from peers import preprocess
 
-        preprocess.run(args.quick, args.rows, args.workdir)
+        preprocess.run(args.quick, args.rows, args.workdir, args.tools)
     else:
         from peers import rechub
 

@@ -140,7 +140,42 @@ def run_fuxictr(raw: str, out: str) -> int:
     return total
 
 
-TOOLS = {"mtrec": run_mtrec, "fuxictr": run_fuxictr, "pandas": run_pandas}
+def run_fuxictr_ray(raw: str, out: str) -> int:
+    """FuxiCTR's own ``build_dataset`` (Ray Data transform), on split files written by polars first."""
+    import logging
+
+    import polars as pl
+
+    logging.disable(logging.INFO)
+    from fuxictr.preprocess import FeatureProcessor, build_dataset
+
+    string_cols = {"user_city", "item_brand", "device"}
+    feature_cols = [{"name": c, "active": True, "dtype": "str" if c in string_cols else "int", "type": "categorical"}
+                    for c in CATEGORICAL]
+    feature_cols += [{"name": c, "active": True, "dtype": "float", "type": "numeric", "normalizer": "StandardScaler"}
+                     for c in NUMERIC]
+    label_cols = [{"name": c, "dtype": "float"} for c in LABELS]
+    frame = pl.read_parquet(raw)
+    split = time_split(frame["ts"].to_numpy())
+    raw_dir = Path(out) / "raw_splits"
+    raw_dir.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for i, name in enumerate(SPLITS):
+        paths[name] = str(raw_dir / f"{name}.parquet")
+        frame.filter(pl.Series(split == i)).write_parquet(paths[name])
+    rows = frame.height
+    del frame
+    fp = FeatureProcessor(feature_cols=feature_cols, label_col=label_cols, dataset_id="fuxictr",
+                          data_root=str(out))
+    build_dataset(fp, train_data=paths["train"], valid_data=paths["valid"], test_data=paths["test"],
+                  data_format="parquet", min_categr_count=1)
+    import ray
+
+    ray.shutdown()
+    return rows
+
+
+TOOLS = {"mtrec": run_mtrec, "fuxictr": run_fuxictr, "pandas": run_pandas, "fuxictr-ray": run_fuxictr_ray}
 
 
 def worker(argv: list[str]) -> None:
@@ -170,7 +205,7 @@ def check_same(out_a: Path, out_b: Path) -> str:
     return "same" if rows and not diffs else f"differs ({'rows ' if not rows else ''}{', '.join(diffs)})"
 
 
-def run(quick: bool, rows_arg: str | None, workdir: str | None) -> None:
+def run(quick: bool, rows_arg: str | None, workdir: str | None, tools_arg: str | None = None) -> None:
     import polars as pl
 
     from mtrec.data.synth import write_synthetic
@@ -188,19 +223,25 @@ def run(quick: bool, rows_arg: str | None, workdir: str | None) -> None:
             print(f"mtrec synth {n:,} rows: {time.perf_counter() - started:.1f} s (not timed below)")
         mem = pl.read_parquet(raw).estimated_size() / 2**20
         print(f"{n:,} rows: Parquet {raw.stat().st_size / 2**20:.0f} MiB on disk, {mem:.0f} MiB in memory (Arrow)")
+        tools = tools_arg.split(",") if tools_arg else ["mtrec", "pandas", "fuxictr"]
+        if "mtrec" not in tools:
+            tools.insert(0, "mtrec")
         results = {}
-        for tool in ("mtrec", "pandas", "fuxictr"):
+        for tool in tools:
             results[tool] = run_worker(["_worker", "preprocess", "--tool", tool, "--raw", str(raw),
                                         "--out", str(base / f"out_{tool}_{n}")])
         ours = results["mtrec"]
-        for tool in ("mtrec", "pandas", "fuxictr"):
+        for tool in tools:
             r = results[tool]
             if "error" in r:
                 out_rows.append([f"{n:,}", tool, "fails", "", "", "", r["error"][:100]])
                 continue
             speed = n / r["seconds"]
             ratio = r["seconds"] / ours["seconds"] if "seconds" in ours else float("nan")
-            same = "" if tool == "mtrec" else check_same(base / f"out_mtrec_{n}", base / f"out_{tool}_{n}")
+            other = base / f"out_{tool}_{n}" / ("fuxictr" if tool == "fuxictr-ray" else "")
+            same = "" if tool == "mtrec" else check_same(base / f"out_mtrec_{n}", other)
+            if tool == "fuxictr-ray":
+                same += "; peak RSS: driver process only (Ray's raylet and worker processes not counted)"
             out_rows.append([f"{n:,}", tool, r["seconds"], speed, r["peak_rss_mib"], ratio,
                              f"{r['peak_rss_mib'] / mem:.2f}x raw in-memory; train vocab sizes {same}".strip()])
     print(table(["rows", "tool", "wall s", "rows/s", "peak RSS MiB", "x mtrec time", "notes"], out_rows))

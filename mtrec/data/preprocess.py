@@ -295,7 +295,8 @@ def preprocess(inputs: list[str], labels: list[str], out: str, *, user: str | No
             # One encode plan, three filtered sinks: the shared plan runs once, streaming.
             encoded = encode(frame, schema, tmp / "vocab", check=False, keep=(_SPLIT_COL,))
             sinks = [encoded.filter(pl.col(_SPLIT_COL) == index).drop(_SPLIT_COL)
-                     .sink_parquet(tmp / f"{name}.parquet", lazy=True) for index, name in enumerate(SPLITS)]
+                     .sink_parquet(tmp / f"{name}.parquet", compression="lz4", lazy=True)
+                     for index, name in enumerate(SPLITS)]
             pl.collect_all(sinks, engine="streaming")
         except (pl.exceptions.ComputeError, OSError) as err:
             raise _read_error(err) from err

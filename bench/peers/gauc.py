@@ -19,20 +19,14 @@ import torch
 
 from mtrec import metrics
 
+from bench_metrics import make_data as _bench_metrics_data  # bench/ is on sys.path (compare_peers.py)
+
 from .common import header, table
 
 
 def make_data(rows: int, users: int, seed: int):
-    """Skewed user sizes (log-normal activity), per-user CTR ~ Beta(1, 9), float32 logits."""
-    torch.manual_seed(seed)
-    gen = torch.Generator().manual_seed(seed)
-    activity = torch.exp(torch.randn(users, generator=gen, dtype=torch.float64))
-    user = torch.multinomial(activity, rows, replacement=True, generator=gen)
-    ctr = torch.distributions.Beta(torch.tensor(1.0), torch.tensor(9.0)).sample((users,))
-    labels = (torch.rand(rows, generator=gen) < ctr[user]).to(torch.float32)
-    logits = (1.5 * labels + torch.randn(rows, generator=gen) - 2.0).to(torch.float32)
-    ids = torch.randperm(users, generator=gen).to(torch.int64)
-    return logits, labels, ids[user]
+    """The data of bench/bench_metrics.py (dense user ids), so both benchmarks score the same rows."""
+    return _bench_metrics_data(rows, users, seed, hashed=False)
 
 
 def subset(groups: np.ndarray, n_users: int, seed: int) -> np.ndarray:

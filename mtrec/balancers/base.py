@@ -117,6 +117,20 @@ def require_losses(balancer: Balancer, losses: Tensor | None) -> Tensor:
     return losses.detach().float()
 
 
+def adam_step_(balancer: Balancer, grad: Tensor, betas=(0.9, 0.999), eps: float = 1e-8) -> None:
+    """One Adam step on ``balancer.logits`` with ``grad``, moments in the balancer's buffers
+    ``exp_avg``, ``exp_avg_sq``, ``steps`` (so they live in its state_dict). GradNorm and FAMO
+    train their task weights this way, beside the engine's optimizer."""
+    beta1, beta2 = betas
+    balancer.steps += 1
+    balancer.exp_avg.mul_(beta1).add_((1 - beta1) * grad)
+    balancer.exp_avg_sq.mul_(beta2).add_((1 - beta2) * grad * grad)
+    t = balancer.steps.float()
+    m_hat = balancer.exp_avg / (1 - beta1**t)
+    v_hat = balancer.exp_avg_sq / (1 - beta2**t)
+    balancer.logits.sub_(balancer.lr * m_hat / (v_hat.sqrt() + eps))
+
+
 # --- Gram matrix and aggregation -------------------------------------------------------------
 # Every Gram-based method is a *weighting* (T x T Gram -> T task coefficients) followed by the
 # same *aggregation* (sum_t alpha_t g_t per tensor). Norms, Grams and solves run in fp32 or fp64,

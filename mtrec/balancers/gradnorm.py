@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from mtrec.balancers.base import GradBalancer, check_real, require_losses, weighted_sum
+from mtrec.balancers.base import GradBalancer, adam_step_, check_real, require_losses, weighted_sum
 
 
 class GradNorm(GradBalancer):
@@ -55,12 +55,5 @@ class GradNorm(GradBalancer):
             d_w = torch.sign(G - target) * norms  # d/dw_t of sum_t |G_t - target_t|
             z = torch.softmax(self.logits, dim=0)
             grad = T * z * (d_w - (z * d_w).sum())  # chain rule through w = T softmax(l)
-            beta1, beta2 = self.betas
-            self.steps += 1
-            self.exp_avg.mul_(beta1).add_((1 - beta1) * grad)
-            self.exp_avg_sq.mul_(beta2).add_((1 - beta2) * grad * grad)
-            t = self.steps.float()
-            m_hat = self.exp_avg / (1 - beta1**t)
-            v_hat = self.exp_avg_sq / (1 - beta2**t)
-            self.logits.sub_(self.lr * m_hat / (v_hat.sqrt() + self.adam_eps))
+            adam_step_(self, grad, self.betas, self.adam_eps)
         return combined

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from mtrec.balancers.base import LossBalancer, check_int, check_real, check_reals
+from mtrec.balancers.base import LossBalancer, adam_step_, check_int, check_real, check_reals
 from mtrec.errors import UserError
 
 
@@ -147,11 +147,4 @@ class FAMO(LossBalancer):
         z = self.weights()
         grad = z * (delta - (z * delta).sum())  # J_softmax(xi)^T delta
         grad = grad + self.weight_decay * self.logits
-        beta1, beta2 = self.betas
-        self.steps += 1
-        self.exp_avg.mul_(beta1).add_((1 - beta1) * grad)
-        self.exp_avg_sq.mul_(beta2).add_((1 - beta2) * grad * grad)
-        t = self.steps.float()
-        m_hat = self.exp_avg / (1 - beta1 ** t)
-        v_hat = self.exp_avg_sq / (1 - beta2 ** t)
-        self.logits.sub_(self.lr * m_hat / (v_hat.sqrt() + self.adam_eps))
+        adam_step_(self, grad, self.betas, self.adam_eps)

@@ -1,6 +1,7 @@
 """CoGrad (Yang et al., SIGIR 2023): add the gradient of one-step inter-task transference.
 
-No official code exists; this is our reconstruction (docs/balancers.md derives it). With a
+No official code exists; this is our reconstruction (docs/balancers.md derives it). It has not
+been checked against the paper's equations: only the introduction of its source was readable. With a
 virtual step alpha, the transference from task j to task i is
 ``L_i(theta) - L_i(theta - alpha g_j) ~ alpha g_i . g_j``; its gradient (step held constant) is
 ``alpha H_i g_j``. Task i's corrected gradient ``g_i - gamma_j H_i g_j`` (summed over j != i)

@@ -70,3 +70,20 @@ def test_gamma_list_must_match_the_tasks():
         build("cograd", num_tasks=3, gamma=[0.1, 0.2])
     with pytest.raises(UserError, match=r"\[0, inf\)"):
         build("cograd", num_tasks=2, gamma=[0.1, -0.2])
+
+
+def test_hand_computed_gamma_indexed_by_source_task():
+    """Numbers worked by hand: ghat_1 = g1 - gamma_2 g1*g1*g2, ghat_2 = g2 - gamma_1 g2*g2*g1."""
+    g = torch.tensor([[1.0, 0.5], [0.5, -1.0]])  # g1, g2 (one 2-element shared tensor)
+    out = build("cograd", num_tasks=2, gamma=[0.2, 0.4]).combine([g])[0]
+    # ghat_1 = [1 * (1 - 0.4 * 0.5), 0.5 * (1 + 0.4 * 0.5)] = [0.8, 0.6]
+    # ghat_2 = [0.5 * (1 - 0.2 * 0.5), -1 * (1 + 0.2 * 0.5)] = [0.45, -1.1]
+    torch.testing.assert_close(out, torch.tensor([1.25, -0.5]))
+
+
+def test_hand_computed_outer_variant():
+    """hessian="outer": ghat_i = g_i (1 - sum_{j != i} gamma_j g_i . g_j); here g1 . g2 = 1."""
+    g = torch.tensor([[1.0, 0.5], [0.5, 1.0]])
+    out = build("cograd", num_tasks=2, gamma=[0.2, 0.4], hessian="outer").combine([g])[0]
+    # ghat_1 = 0.6 * g1 = [0.6, 0.3]; ghat_2 = 0.8 * g2 = [0.4, 0.8]
+    torch.testing.assert_close(out, torch.tensor([1.0, 1.1]))

@@ -158,6 +158,10 @@ def train(
             raise UserError("missing DATA: the directory made by mtrec preprocess")
     cfg = TrainConfig.from_dict(values)
     result = run(cfg, resume=bool(resume), force=force, quiet=quiet)
+    from mtrec.distributed import is_main_process
+
+    if not is_main_process():
+        return
     if result["history"]:
         best = result["history"][max(result["best_epoch"] - 1, 0)]["valid"]
         console.print(metrics_table(best, f"best validation (epoch {result['best_epoch']})", cfg.ndcg_k))

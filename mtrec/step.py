@@ -81,6 +81,8 @@ class Stepper:
         self.grads = PerTaskGrads(self.num_tasks, batched=None if device.type == "cuda" else False)
         self.autocast = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype
                          else contextlib.nullcontext())
+        self.group = None  # a distributed.Group under torchrun: gradients are summed across ranks
+        self.share = 1.0  # this rank's fraction of the global batch (set by the loop)
         self.want_diagnostics = False  # set by the loop on sampled steps
         self.diagnostics: dict[str, Tensor] | None = None
 
@@ -96,7 +98,8 @@ class Stepper:
         self.optimizer.step()
         if isinstance(self.balancer, LossBalancer) and self.balancer.needs_lookahead:
             with torch.no_grad(), self.autocast:
-                self.balancer.after_step(task_losses(self.model(codes, numeric), labels))
+                after = task_losses(self.model(codes, numeric), labels)
+                self.balancer.after_step(self.group.global_losses(after, self.share) if self.group else after)
         return losses
 
     def _diagnose(self, grads: list[Tensor]) -> None:
@@ -109,25 +112,42 @@ class Stepper:
         cos = gram / (norms.unsqueeze(2) * norms.unsqueeze(1)).clamp_min(1e-30)
         self.diagnostics = {"norms": norms, "cosines": cos}
 
-    @staticmethod
-    def _finite(losses: Tensor, grads: list[Tensor] = ()) -> bool:
+    def _finite(self, losses: Tensor, grads: list[Tensor] = ()) -> bool:
         """The step's host sync: a non-finite loss or gradient must not touch parameters or state."""
-        total = losses.sum()
+        total = losses.detach().sum().float()
         if grads:
             # One pass per tensor: a sum is non-finite iff some element is (or it overflows, ~1e38).
             total = total + torch.stack([g.sum(dtype=torch.float32) for g in grads]).sum()
-        return bool(torch.isfinite(total))
+        if self.group:  # every rank must take the same decision
+            total = total.reshape(1)
+            self.group.sum_([total])
+        return bool(torch.isfinite(total).all())
+
+    def _reduce_param_grads(self) -> list[Tensor]:
+        """Sum the share-weighted local gradients of every optimized parameter across ranks."""
+        grads = []
+        for group in self.optimizer.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                grads.append(p.grad)
+        self.group.sum_(grads, self.share)
+        return grads
 
     def _loss_weighting(self, codes, numeric, labels):
         with self.autocast:
             logits = self.model(codes, numeric)
         losses = task_losses(logits, labels)
+        if self.group:
+            losses = self.group.global_losses(losses, self.share)
         if not self._finite(losses):
             return None
         if self.want_diagnostics and self.shared_params:
             # Sampled steps only: what the tasks' gradients look like under this loss weighting.
             self._diagnose(self.grads(losses, self.shared_params, retain_graph=True))
         self.balancer.weigh(losses).backward()
+        if self.group:
+            self._reduce_param_grads()
         if not self._finite(losses, [p.grad for p in self.model.parameters() if p.grad is not None]):
             return None  # finite losses, non-finite gradients: nothing was updated yet
         return losses.detach()
@@ -157,6 +177,9 @@ class Stepper:
         else:
             shared = self.shared_params
             grads = self.grads(losses, shared + self.task_params + leaves)
+            if self.group:  # the global batch's per-task gradients, before the balancer sees them
+                self.group.sum_(grads[:-1], self.share)
+                detached = self.group.global_losses(detached, self.share)
             if not self._finite(detached, grads):  # before the balancer updates any state
                 return None
             shared_grads = grads[:len(shared)]
@@ -173,6 +196,8 @@ class Stepper:
             else:
                 combined = balancer.combine([g.float() for g in shared_grads], detached)
                 e.backward(e_grads.sum(0))
+                if self.group:
+                    self.group.sum_([model.embedding.table.weight.grad], self.share)
             self._diagnose(shared_grads)
             for p, g in zip(shared, combined):
                 p.grad = g.to(p.dtype)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from mtrec import balancers, checkpoint
+from mtrec import balancers, checkpoint, distributed
 from mtrec.config import TrainConfig
 from mtrec.data.schema import Schema
 from mtrec.data.tensors import Split, batches, epoch_permutation, load_split
@@ -118,6 +118,12 @@ class Trainer:
             raise UserError(f"the target task {self.tasks[0]!r} has no positive in the train split: "
                             "choose another --target or split the data differently")
         self.device = resolve_device(cfg.device)
+        self.group = distributed.from_env(self.device.type)
+        if self.group and self.device.type == "cuda":
+            self.device = torch.device("cuda", distributed.local_rank())
+            torch.cuda.set_device(self.device)
+        self.main = self.group is None or self.group.main
+        self.quiet = quiet or not self.main
         if cfg.scope and cfg.scope not in SCOPES:
             raise UserError(f"--balance-scope must be one of {', '.join(SCOPES)}, not {cfg.scope!r}")
         torch.manual_seed(cfg.seed)
@@ -129,6 +135,11 @@ class Trainer:
         if self.balancer.kind == "grad" and self.scope not in self.balancer.scopes:
             raise UserError(f"{cfg.balancer} cannot run with --balance-scope {self.scope}: use "
                             f"{' or '.join(self.balancer.scopes)}")
+        if self.group and self.balancer.kind == "grad" and self.scope != "shared":
+            # Touched rows and representation gradients are per-rank rows; balancing them across
+            # ranks would need a gather of variable-size tensors (not built yet).
+            raise UserError(f"with several processes, gradient balancers run in --balance-scope shared only "
+                            f"(not {self.scope})")
         self.model.to(self.device)
         self.balancer.to(self.device)
         categorical, numeric = feature_names(self.schema)
@@ -144,11 +155,14 @@ class Trainer:
         self.optimizer = torch.optim.Adam(groups, lr=cfg.lr, fused=self.device.type == "cuda" or None)
         self.stepper = Stepper(self.model, self.balancer, self.optimizer, self.scope, self.device,
                                autocast_dtype(cfg, self.device))
+        self.stepper.group = self.group
         self.state = LoopState()
         self.stop_requested = False
+        if self.group:
+            self.group.barrier()  # every rank has checked the run directory before rank 0 touches it
         if resume:
             self._restore(self.run_dir / "last.pt")
-        else:
+        elif self.main:
             if self.run_dir.exists():
                 shutil.rmtree(self.run_dir)
             self.run_dir.mkdir(parents=True)
@@ -172,6 +186,8 @@ class Trainer:
                 "history": s.history, "config": self.cfg.to_dict(), "scope": self.scope}
 
     def save(self, name: str) -> None:
+        if not self.main:
+            return
         checkpoint.save(self.run_dir / name, self._state(), self._meta())
 
     def _restore(self, path: Path) -> None:
@@ -215,8 +231,12 @@ class Trainer:
         loss_sum = torch.zeros(len(self.tasks), device=self.device)
         good, pending_steps, pending_samples = 0, 0, 0
         diag_path = self.run_dir / "diagnostics.jsonl"
-        for codes, numeric, labels in batches(self.train_split, perm, cfg.batch_size, start=s.step):
-            self.stepper.want_diagnostics = cfg.diagnostics_every > 0 and s.global_step % cfg.diagnostics_every == 0
+        shard = (self.group.rank, self.group.world) if self.group else None
+        for codes, numeric, labels in batches(self.train_split, perm, cfg.batch_size, start=s.step, shard=shard):
+            self.stepper.want_diagnostics = (self.main and cfg.diagnostics_every > 0
+                                             and s.global_step % cfg.diagnostics_every == 0)
+            if shard:
+                self.stepper.share = labels.shape[0] / min(cfg.batch_size, n - s.step * cfg.batch_size)
             losses = self.stepper.step(codes, numeric, labels)
             s.step += 1
             s.global_step += 1
@@ -239,7 +259,11 @@ class Trainer:
                 means = (loss_sum / max(good, 1)).tolist()  # host sync only every 20 steps
                 progress.update(pending_steps, pending_samples, means, s.bad_total)
                 pending_steps, pending_samples = 0, 0
-            if self.stop_requested:
+                if self.group:  # ranks agree on Ctrl-C here, so none waits in an all-reduce alone
+                    flag = torch.tensor([float(self.stop_requested)], device=self.device)
+                    self.group.sum_([flag])
+                    self.stop_requested = bool(flag.item() > 0)
+            if self.stop_requested and (self.group is None or pending_steps == 0):
                 self.save("last.pt")
                 raise TrainingInterrupted(self.run_dir)
             if cfg.checkpoint_every and s.global_step % cfg.checkpoint_every == 0 and s.step < steps:
@@ -275,7 +299,8 @@ class Trainer:
             self.save("best.pt")
         self.save("last.pt")
         lines = "".join(json.dumps(r) + "\n" for r in s.history)
-        checkpoint.atomic_write_text(self.run_dir / "metrics.jsonl", lines)
+        if self.main:
+            checkpoint.atomic_write_text(self.run_dir / "metrics.jsonl", lines)
         if not self.quiet:
             aux = "  ".join(f"{t} {metrics[t]['auc']:.4f}" for t in self.tasks[1:])
             mark = " *" if improved else ""
@@ -284,4 +309,9 @@ class Trainer:
 
 
 def train(cfg: TrainConfig, resume: bool = False, force: bool = False, quiet: bool = False) -> dict:
-    return Trainer(cfg, resume=resume, force=force, quiet=quiet).run()
+    trainer = Trainer(cfg, resume=resume, force=force, quiet=quiet)
+    try:
+        return trainer.run()
+    finally:
+        if trainer.group and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()

@@ -73,10 +73,15 @@ def epoch_permutation(n: int, seed: int, epoch: int, device) -> Tensor:
     return torch.randperm(n, generator=generator).to(device)
 
 
-def batches(split: Split, perm: Tensor, batch_size: int, start: int = 0):
-    """Yield (codes, numeric, labels) slices for batch indices start, start+1, ... of an epoch."""
+def batches(split: Split, perm: Tensor, batch_size: int, start: int = 0, shard: tuple[int, int] | None = None):
+    """Yield (codes, numeric, labels) slices for batch indices start, start+1, ... of an epoch.
+
+    ``shard=(rank, world)``: only this rank's rows ``[rank::world]`` of each global batch.
+    """
     for begin in range(start * batch_size, len(perm), batch_size):
         idx = perm[begin:begin + batch_size]
+        if shard:
+            idx = idx[shard[0]::shard[1]]
         yield split.codes[idx], split.numeric[idx], split.labels[idx]
 
 

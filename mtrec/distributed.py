@@ -1,0 +1,71 @@
+"""Data parallelism with torch.distributed (``torchrun --nproc_per_node N -m mtrec train ...``).
+
+Every rank holds the whole model and the whole split, walks the same shuffled permutation, and
+takes its share ``rows[rank::world]`` of each global batch. Per-task losses are local means, so a
+rank scales its gradients by ``n_local / n_global`` and the ranks sum them: the result is the
+gradient of the global batch, the same on every rank, *before* the balancer runs. Every rank then
+applies the same update, and the run matches one process with the same global batch (up to the
+order of floating-point sums).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+
+class Group:
+    def __init__(self, rank: int, world: int):
+        self.rank, self.world = rank, world
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def shard(self, idx: Tensor) -> tuple[Tensor, float]:
+        """This rank's rows of a global batch and their share of it."""
+        local = idx[self.rank::self.world]
+        return local, local.numel() / idx.numel()
+
+    def sum_(self, tensors: list[Tensor], scale: float = 1.0) -> None:
+        """In place: ``t <- sum over ranks of scale * t`` for every tensor, in one all-reduce."""
+        if not tensors:
+            return
+        flat = torch.cat([t.reshape(-1).float() for t in tensors]) * scale
+        dist.all_reduce(flat)
+        offset = 0
+        for t in tensors:
+            n = t.numel()
+            t.copy_(flat[offset:offset + n].view_as(t))
+            offset += n
+
+    def global_losses(self, losses: Tensor, share: float) -> Tensor:
+        """The global batch's mean losses as values, with gradients flowing to the local losses."""
+        total = losses.detach() * share
+        dist.all_reduce(total)
+        return losses + (total - losses.detach())
+
+    def barrier(self) -> None:
+        dist.barrier()
+
+
+def from_env(device_type: str) -> Group | None:
+    """The process group when launched by torchrun (WORLD_SIZE > 1), else None."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return None
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
+    return Group(dist.get_rank(), dist.get_world_size())
+
+
+def is_main_process() -> bool:
+    """Rank 0, or not launched by torchrun: the process that prints and writes."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0"))

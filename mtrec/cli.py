@@ -127,6 +127,13 @@ def train(
     embedding_dim: Annotated[Optional[int], typer.Option(help="Embedding width.")] = None,
     experts: Annotated[Optional[int], typer.Option(help="MMoE experts.")] = None,
     levels: Annotated[Optional[int], typer.Option(help="PLE levels (1 = CGC).")] = None,
+    expert_sizes: Annotated[Optional[str], typer.Option(help="Expert / bottom layer sizes, e.g. 256,128.")] = None,
+    tower_sizes: Annotated[Optional[str], typer.Option(help="Tower layer sizes, e.g. 64.")] = None,
+    shared_experts: Annotated[Optional[int], typer.Option(help="PLE shared experts per level.")] = None,
+    task_experts: Annotated[Optional[int], typer.Option(help="PLE experts per task per level.")] = None,
+    dropout: Annotated[Optional[float], typer.Option(help="Dropout in experts and towers.")] = None,
+    ndcg_k: Annotated[Optional[int], typer.Option(help="K of NDCG@K.")] = None,
+    diagnostics_every: Annotated[Optional[int], typer.Option(help="Gradient diagnostics every N steps (0: off).")] = None,
     max_bad_steps: Annotated[Optional[int], typer.Option(help="Non-finite steps in a row before stopping.")] = None,
     checkpoint_every: Annotated[Optional[int], typer.Option(help="Save last.pt every N steps (0: epochs only).")] = None,
     out: Annotated[Optional[str], typer.Option(help="Run directory to create.")] = None,
@@ -148,7 +155,10 @@ def train(
         flags = dict(data=data, model=model, target=target, balancer=balancer, scope=balance_scope, epochs=epochs,
                      batch_size=batch_size, lr=lr, weight_decay=weight_decay, seed=seed, device=device,
                      precision=precision, patience=patience, embedding_dim=embedding_dim, num_experts=experts,
-                     levels=levels, max_bad_steps=max_bad_steps, checkpoint_every=checkpoint_every, out=out)
+                     levels=levels, max_bad_steps=max_bad_steps, checkpoint_every=checkpoint_every, out=out,
+                     shared_experts=shared_experts, task_experts=task_experts, dropout=dropout, ndcg_k=ndcg_k,
+                     diagnostics_every=diagnostics_every, expert_sizes=_int_list(expert_sizes, "--expert-sizes"),
+                     tower_sizes=_int_list(tower_sizes, "--tower-sizes"))
         values.update({k: v for k, v in flags.items() if v is not None})
         if tasks:
             values["tasks"] = _split_list(tasks)
@@ -166,6 +176,15 @@ def train(
         best = result["history"][max(result["best_epoch"] - 1, 0)]["valid"]
         console.print(metrics_table(best, f"best validation (epoch {result['best_epoch']})", cfg.ndcg_k))
     console.print(f"run saved in {result['run_dir']}  (evaluate: mtrec evaluate {result['run_dir']})")
+
+
+def _int_list(text: Optional[str], flag: str) -> Optional[list[int]]:
+    if text is None:
+        return None
+    try:
+        return [int(part) for part in _split_list(text)]
+    except ValueError as err:
+        raise UserError(f"{flag} expects comma-separated integers like 256,128, got {text!r}") from err
 
 
 def _saved_config(run_dir: str) -> dict:

@@ -134,6 +134,7 @@ TRAIN_CASES = {
     "negative lr": (lambda w, t: [w / "data", "--lr", "-0.1"], ["lr"]),
     "batch size 0": (lambda w, t: [w / "data", "--batch-size", "0"], ["batch"]),
     "relax >= 1": (lambda w, t: [w / "data", "--balancer", "metabalance", "--balancer-opt", "relax=1.5"], ["relax"]),
+    "bad layer sizes": (lambda w, t: [w / "data", "--expert-sizes", "256,wide"], ["--expert-sizes"]),
     "unknown scope": (lambda w, t: [w / "data", "--balancer", "pcgrad", "--balance-scope", "everything"], ["scope"]),
     "target without positives": (lambda w, t: [_fake_data(w, t, lambda s, d: s["positive_rate"].update(share=0.0)),
                                                "--target", "share"], ["positive"]),
@@ -250,3 +251,17 @@ def test_balancers_table_lists_every_balancer_and_opts_reach_the_run(world, tmp_
     assert code == 0, out
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     assert config["balancer_opts"] == {"relax": 0.5, "mode": "reduce_only"}
+
+
+def test_architecture_flags_reach_the_model(world, tmp_path):
+    code, out = invoke("train", world / "data", "--target", "click", "--model", "ple", "--levels", "2",
+                       "--expert-sizes", "16,8", "--tower-sizes", "4", "--shared-experts", "2", "--task-experts", "1",
+                       "--epochs", "1", "--embedding-dim", "4", "--diagnostics-every", "0", "--quiet",
+                       "--out", tmp_path / "run")
+    assert code == 0, out
+    from mtrec.evaluate import load_run
+
+    model, cfg, _, _ = load_run(tmp_path / "run")
+    assert cfg.expert_sizes == [16, 8] and cfg.tower_sizes == [4] and len(model.task_experts) == 2
+    assert model.shared_experts[0].n == 2 and model.towers.weights[0].shape[-1] == 4
+    assert not (tmp_path / "run" / "diagnostics.jsonl").exists()

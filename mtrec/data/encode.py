@@ -15,6 +15,7 @@ import math
 from pathlib import Path
 from urllib.parse import quote
 
+import numpy as np
 import polars as pl
 
 from mtrec.data.hashing import stable_hash_expr
@@ -158,6 +159,10 @@ def _join_vocab(plan: pl.LazyFrame, feature: Feature, index: int, raw_dtype: pl.
     if not path.is_file():
         raise UserError(f"vocabulary {path} is missing: the data directory is incomplete, re-run mtrec preprocess")
     value_dtype = pl.read_parquet_schema(path)["value"]
+    if raw_dtype.is_integer() and value_dtype.is_integer():
+        lookup = _dense_lookup(path, feature)
+        if lookup is not None:
+            return plan, lookup
     key, code = f"__mtrec_key{index}", f"__mtrec_code{index}"
     raw = pl.col(feature.name)
     plan = plan.with_columns((raw if raw_dtype == value_dtype else raw.cast(value_dtype, strict=False)).alias(key))
@@ -165,6 +170,30 @@ def _join_vocab(plan: pl.LazyFrame, feature: Feature, index: int, raw_dtype: pl.
     plan = plan.join(vocab, on=key, how="left", maintain_order="left")
     expr = pl.when(raw.is_null()).then(PAD).otherwise(pl.col(code).fill_null(OOV)).cast(pl.Int32)
     return plan, expr.alias(feature.name)
+
+
+# Integer ids over a range at most this many times the vocabulary (or 1M values) are encoded by
+# indexing a code table instead of a join: 6x faster per column at 10M rows (item_id: 0.06 s vs
+# 0.36 s), and the table is small (int32, one entry per value of the range).
+_DENSE_RANGE_FACTOR, _DENSE_RANGE_MIN = 4, 1 << 20
+
+
+def _dense_lookup(path: Path, feature: Feature) -> pl.Expr | None:
+    """Codes via ``table[value - lowest]`` when the vocabulary's integer range is dense enough."""
+    vocab = pl.read_parquet(path, columns=["value", "code"])
+    if vocab.height == 0:
+        return None
+    lowest, highest = int(vocab["value"].min()), int(vocab["value"].max())
+    span = highest - lowest + 1
+    if span > max(_DENSE_RANGE_FACTOR * vocab.height, _DENSE_RANGE_MIN):
+        return None
+    table = np.full(span, OOV, dtype=np.int32)
+    table[(vocab["value"] - lowest).to_numpy()] = vocab["code"].to_numpy()
+    raw = pl.col(feature.name).cast(pl.Int64)
+    inside = (raw >= lowest) & (raw <= highest)
+    found = pl.lit(pl.Series(table)).gather((raw - lowest).clip(0, span - 1))
+    return (pl.when(raw.is_null()).then(PAD).when(inside).then(found).otherwise(OOV)
+            .cast(pl.Int32).alias(feature.name))
 
 
 def read_raw(path: str | Path | list[str | Path]) -> pl.LazyFrame:

@@ -133,6 +133,8 @@ def train(
     task_experts: Annotated[Optional[int], typer.Option(help="PLE experts per task per level.")] = None,
     dropout: Annotated[Optional[float], typer.Option(help="Dropout in experts and towers.")] = None,
     ndcg_k: Annotated[Optional[int], typer.Option(help="K of NDCG@K.")] = None,
+    data_placement: Annotated[Optional[str], typer.Option(
+        help="device, host, or auto (device when a split takes at most half the free memory).")] = None,
     diagnostics_every: Annotated[Optional[int], typer.Option(help="Gradient diagnostics every N steps (0: off).")] = None,
     max_bad_steps: Annotated[Optional[int], typer.Option(help="Non-finite steps in a row before stopping.")] = None,
     checkpoint_every: Annotated[Optional[int], typer.Option(help="Save last.pt every N steps (0: epochs only).")] = None,
@@ -157,7 +159,7 @@ def train(
                      precision=precision, patience=patience, embedding_dim=embedding_dim, num_experts=experts,
                      levels=levels, max_bad_steps=max_bad_steps, checkpoint_every=checkpoint_every, out=out,
                      shared_experts=shared_experts, task_experts=task_experts, dropout=dropout, ndcg_k=ndcg_k,
-                     diagnostics_every=diagnostics_every, expert_sizes=_int_list(expert_sizes, "--expert-sizes"),
+                     diagnostics_every=diagnostics_every, data_placement=data_placement, expert_sizes=_int_list(expert_sizes, "--expert-sizes"),
                      tower_sizes=_int_list(tower_sizes, "--tower-sizes"))
         values.update({k: v for k, v in flags.items() if v is not None})
         if tasks:

@@ -28,6 +28,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
+    data_placement: str = "auto"  # device, host, or auto: device when the split takes <= 50% of free memory
     patience: int = 2  # epochs without a better target valid AUC before stopping
     embedding_dim: int = 16
     expert_sizes: list[int] = field(default_factory=lambda: [256, 128])
@@ -60,6 +61,7 @@ class TrainConfig:
             (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
              f"--device must be auto, cpu or cuda, not {self.device!r}"),
             (self.precision in ("auto", "fp32", "bf16"), "--precision must be auto, fp32 or bf16"),
+            (self.data_placement in ("auto", "device", "host"), "--data-placement must be auto, device or host"),
             (self.max_bad_steps >= 1, "--max-bad-steps must be at least 1"),
             (self.eval_batch_size >= 1 and self.ndcg_k >= 1, "eval_batch_size and ndcg_k must be positive"),
             (self.diagnostics_every >= 0 and self.checkpoint_every >= 0,

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from mtrec import checkpoint, metrics
-from mtrec.data.tensors import Split, eval_batches, frame_to_split, load_split
+from mtrec.data.tensors import Split, eval_batches, fits_on_device, frame_to_split, load_split
 from mtrec.errors import UserError
 
 
@@ -19,12 +19,12 @@ def predict(model, split: Split, batch_size: int, autocast_dtype=None) -> torch.
     """Logits ``[N, T]`` in fp32 on the split's device."""
     was_training = model.training
     model.eval()
-    device = split.labels.device
+    device = next(model.parameters()).device  # a host-resident split is copied batch by batch
     ctx = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
     out = []
     with ctx:
         for codes, numeric in eval_batches(split, batch_size):
-            out.append(model(codes, numeric).float())
+            out.append(model(codes.to(device), numeric.to(device)).float())
     model.train(was_training)
     return torch.cat(out)
 
@@ -32,7 +32,8 @@ def predict(model, split: Split, batch_size: int, autocast_dtype=None) -> torch.
 def split_metrics(model, split: Split, tasks: list[str], batch_size: int, k: int, autocast_dtype=None) -> dict:
     """{task: {auc, gauc, logloss, ndcg, positive_rate, n}} in task order, plus the mean over tasks."""
     logits = predict(model, split, batch_size, autocast_dtype)
-    rows = metrics.task_metrics(logits, split.labels, split.users, k=k)
+    users = None if split.users is None else split.users.to(logits.device)
+    rows = metrics.task_metrics(logits, split.labels.to(logits.device), users, k=k)
     per_task = {}
     for task, row in zip(tasks, rows):
         per_task[task] = {"auc": row.get("auc"), "gauc": row.get("gauc"), "logloss": row.get("logloss"),
@@ -103,7 +104,8 @@ def evaluate_run(run_dir: str | Path, data: str | None = None, raw: str | None =
         _check_same_schema(run_schema, Schema.load(data_dir), data_dir)
         part = load_split(data_dir, split, categorical, numeric, tasks)
         label = f"{split} split of {data_dir}"
-    result = split_metrics(model, part.to(dev), tasks, cfg.eval_batch_size, cfg.ndcg_k, autocast_dtype(cfg, dev))
+    part = part.to(dev) if fits_on_device(part, dev) else part  # else copied batch by batch
+    result = split_metrics(model, part, tasks, cfg.eval_batch_size, cfg.ndcg_k, autocast_dtype(cfg, dev))
     return {"run": str(run_dir), "data": label, "tasks": tasks, "target": tasks[0], "ndcg_k": cfg.ndcg_k,
             "metrics": result}
 

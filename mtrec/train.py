@@ -19,7 +19,7 @@ import torch
 from mtrec import balancers, checkpoint, distributed
 from mtrec.config import TrainConfig
 from mtrec.data.schema import Schema
-from mtrec.data.tensors import Split, batches, epoch_permutation, load_split
+from mtrec.data.tensors import Split, batches, epoch_permutation, fits_on_device, host_batches, load_split
 from mtrec.errors import UserError
 from mtrec.evaluate import split_metrics
 from mtrec.models import ModelConfig, SingleTask, build as build_model
@@ -143,8 +143,14 @@ class Trainer:
         self.model.to(self.device)
         self.balancer.to(self.device)
         categorical, numeric = feature_names(self.schema)
-        self.train_split = load_split(cfg.data, "train", categorical, numeric, self.tasks).to(self.device)
-        self.valid_split = load_split(cfg.data, "valid", categorical, numeric, self.tasks).to(self.device)
+        self.train_split = load_split(cfg.data, "train", categorical, numeric, self.tasks)
+        self.on_device = cfg.data_placement == "device" or (
+            cfg.data_placement == "auto" and fits_on_device(self.train_split, self.device))
+        if self.on_device:
+            self.train_split = self.train_split.to(self.device)
+        self.valid_split = load_split(cfg.data, "valid", categorical, numeric, self.tasks)
+        if self.on_device:
+            self.valid_split = self.valid_split.to(self.device)
         if self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
@@ -226,13 +232,17 @@ class Trainer:
         cfg, s = self.cfg, self.state
         n = len(self.train_split)
         steps = math.ceil(n / cfg.batch_size)
-        perm = epoch_permutation(n, cfg.seed, s.epoch, self.device)
+        perm = epoch_permutation(n, cfg.seed, s.epoch, self.device if self.on_device else "cpu")
         progress.epoch(s.epoch, steps, s.step)
         loss_sum = torch.zeros(len(self.tasks), device=self.device)
         good, pending_steps, pending_samples = 0, 0, 0
         diag_path = self.run_dir / "diagnostics.jsonl"
         shard = (self.group.rank, self.group.world) if self.group else None
-        for codes, numeric, labels in batches(self.train_split, perm, cfg.batch_size, start=s.step, shard=shard):
+        if self.on_device:
+            stream = batches(self.train_split, perm, cfg.batch_size, start=s.step, shard=shard)
+        else:
+            stream = host_batches(self.train_split, perm, cfg.batch_size, self.device, start=s.step, shard=shard)
+        for codes, numeric, labels in stream:
             self.stepper.want_diagnostics = (self.main and cfg.diagnostics_every > 0
                                              and s.global_step % cfg.diagnostics_every == 0)
             if shard:

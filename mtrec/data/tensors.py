@@ -1,12 +1,15 @@
 """Encoded Parquet splits as tensors, and batches as slices of a shuffled index.
 
-Parquet -> Arrow -> NumPy -> torch, column blocks at a time, never row by row. A split lives on
-the training device; a batch is ``tensor[perm[i:i + B]]``, with the permutation drawn from a
-generator seeded by (seed, epoch) so that any position in any epoch can be reproduced on resume.
+Parquet -> Arrow -> NumPy -> torch, column blocks at a time, never row by row. A split that fits
+lives on the training device and a batch is ``tensor[perm[i:i + B]]``; a split too large for the
+device stays in host memory, and each batch is gathered there (in a background thread, one batch
+ahead), pinned, and copied asynchronously. The permutation is drawn from a generator seeded by
+(seed, epoch), so any position in any epoch can be reproduced on resume.
 """
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +30,11 @@ class Split:
 
     def __len__(self) -> int:
         return self.labels.shape[0]
+
+    @property
+    def nbytes(self) -> int:
+        tensors = [self.codes, self.numeric, self.labels] + ([self.users] if self.users is not None else [])
+        return sum(t.numel() * t.element_size() for t in tensors)
 
     def to(self, device) -> "Split":
         move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
@@ -83,6 +91,37 @@ def batches(split: Split, perm: Tensor, batch_size: int, start: int = 0, shard: 
         if shard:
             idx = idx[shard[0]::shard[1]]
         yield split.codes[idx], split.numeric[idx], split.labels[idx]
+
+
+def fits_on_device(split: Split, device: torch.device, fraction: float = 0.5) -> bool:
+    """Whether the split may live on the device: at most ``fraction`` of its free memory."""
+    if device.type != "cuda":
+        return True
+    free, _ = torch.cuda.mem_get_info(device)
+    return split.nbytes <= fraction * free
+
+
+def host_batches(split: Split, perm: Tensor, batch_size: int, device: torch.device, start: int = 0,
+                 shard: tuple[int, int] | None = None):
+    """Like ``batches`` for a split in host memory: gathered one batch ahead in a thread (torch
+    indexing releases the GIL, so it overlaps the device step), pinned, copied without blocking."""
+    begins = list(range(start * batch_size, len(perm), batch_size))
+    pin = device.type == "cuda"
+
+    def gather(begin: int):
+        idx = perm[begin:begin + batch_size]
+        if shard:
+            idx = idx[shard[0]::shard[1]]
+        parts = (split.codes[idx], split.numeric[idx], split.labels[idx])
+        return tuple(p.pin_memory() for p in parts) if pin else parts
+
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending = pool.submit(gather, begins[0]) if begins else None
+        for i in range(len(begins)):
+            parts = pending.result()
+            if i + 1 < len(begins):
+                pending = pool.submit(gather, begins[i + 1])
+            yield tuple(p.to(device, non_blocking=True) for p in parts)
 
 
 def eval_batches(split: Split, batch_size: int):

@@ -20,6 +20,7 @@ import torch
 from mtrec import metrics
 
 from bench_metrics import make_data as _bench_metrics_data  # bench/ is on sys.path (compare_peers.py)
+from bench_metrics import sklearn_gauc_subset
 
 from .common import header, table
 
@@ -33,23 +34,6 @@ def subset(groups: np.ndarray, n_users: int, seed: int) -> np.ndarray:
     uniq = np.unique(groups)
     chosen = np.random.default_rng(seed).choice(uniq, size=min(n_users, len(uniq)), replace=False)
     return np.isin(groups, chosen)
-
-
-def sklearn_loop(scores, labels, groups) -> tuple[float, float]:
-    from sklearn.metrics import roc_auc_score
-
-    order = np.argsort(groups, kind="stable")
-    g = groups[order]
-    cuts = np.flatnonzero(g[1:] != g[:-1]) + 1
-    per_user = [(labels[p], scores[p]) for p in np.split(order, cuts)]  # not timed
-    start = time.perf_counter()
-    num = den = 0.0
-    for y, s in per_user:
-        if y.min() == y.max():
-            continue
-        num += len(y) * roc_auc_score(y, s)
-        den += len(y)
-    return time.perf_counter() - start, num / den
 
 
 def fuxictr_gauc(scores, labels, groups) -> tuple[float, float]:
@@ -77,9 +61,8 @@ def run(quick: bool) -> None:
     t_ours = statistics.median(times)
 
     s_np, y_np, g_np = s.numpy(), y.numpy(), g.numpy()
-    mask = subset(g_np, sub_users, seed=0)
+    t_sk, _, _, v_sk, mask = sklearn_gauc_subset(s_np, y_np, g_np, sub_users, seed=0)
     ours_sub = metrics.gauc(s[torch.from_numpy(mask)], y[torch.from_numpy(mask)], g[torch.from_numpy(mask)]).item()
-    t_sk, v_sk = sklearn_loop(s_np[mask], y_np[mask], g_np[mask])
     out = [["mtrec metrics.gauc", f"all {n_users:,}", t_ours, t_ours, 1.0, value, ""]]
     ext_sk = t_sk * n_users / sub_users
     out.append(["sklearn roc_auc_score per user", f"{sub_users:,} (extrapolated)", t_sk, ext_sk, ext_sk / t_ours,

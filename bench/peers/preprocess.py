@@ -103,6 +103,16 @@ def _load_fuxictr_processor():
     return importlib.import_module("fuxictr.preprocess.feature_processor").FeatureProcessor
 
 
+def _fuxictr_columns() -> tuple[list[dict], list[dict]]:
+    """The same columns as mtrec's run, in FuxiCTR's feature-spec form."""
+    string_cols = {"user_city", "item_brand", "device"}
+    feature_cols = [{"name": c, "active": True, "dtype": "str" if c in string_cols else "int", "type": "categorical"}
+                    for c in CATEGORICAL]
+    feature_cols += [{"name": c, "active": True, "dtype": "float", "type": "numeric", "normalizer": "StandardScaler"}
+                     for c in NUMERIC]
+    return feature_cols, [{"name": c, "dtype": "float"} for c in LABELS]
+
+
 def run_fuxictr(raw: str, out: str) -> int:
     import logging
 
@@ -110,12 +120,7 @@ def run_fuxictr(raw: str, out: str) -> int:
 
     logging.disable(logging.INFO)
     FeatureProcessor = _load_fuxictr_processor()
-    string_cols = {"user_city", "item_brand", "device"}
-    feature_cols = [{"name": c, "active": True, "dtype": "str" if c in string_cols else "int", "type": "categorical"}
-                    for c in CATEGORICAL]
-    feature_cols += [{"name": c, "active": True, "dtype": "float", "type": "numeric", "normalizer": "StandardScaler"}
-                     for c in NUMERIC]
-    label_cols = [{"name": c, "dtype": "float"} for c in LABELS]
+    feature_cols, label_cols = _fuxictr_columns()
     data_root = Path(out).parent
     fp = FeatureProcessor(feature_cols=feature_cols, label_col=label_cols, dataset_id=Path(out).name,
                           data_root=str(data_root))
@@ -149,12 +154,7 @@ def run_fuxictr_ray(raw: str, out: str) -> int:
     logging.disable(logging.INFO)
     from fuxictr.preprocess import FeatureProcessor, build_dataset
 
-    string_cols = {"user_city", "item_brand", "device"}
-    feature_cols = [{"name": c, "active": True, "dtype": "str" if c in string_cols else "int", "type": "categorical"}
-                    for c in CATEGORICAL]
-    feature_cols += [{"name": c, "active": True, "dtype": "float", "type": "numeric", "normalizer": "StandardScaler"}
-                     for c in NUMERIC]
-    label_cols = [{"name": c, "dtype": "float"} for c in LABELS]
+    feature_cols, label_cols = _fuxictr_columns()
     frame = pl.read_parquet(raw)
     split = time_split(frame["ts"].to_numpy())
     raw_dir = Path(out) / "raw_splits"

@@ -39,14 +39,8 @@ def assert_user_error(code, output, *needles):
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    from mtrec.data.preprocess import preprocess
-    from mtrec.data.synth import write_synthetic
-
-    root = tmp_path_factory.mktemp("cli")
-    raw = root / "log.parquet"
-    write_synthetic(raw, rows=3000, seed=1)
-    preprocess([str(raw)], ["click", "like", "share"], str(root / "data"), user="user_id", item="item_id", time="ts")
+def world(encoded_synthetic):
+    root = encoded_synthetic("cli", rows=3000, seed=1)
     code, out = invoke("train", root / "data", "--model", "shared-bottom", "--target", "click", "--epochs", "1",
                        "--batch-size", "512", "--embedding-dim", "4", "--quiet", "--out", root / "run")
     assert code == 0, out

@@ -17,15 +17,8 @@ SEEDS = [1, 2, 3]
 
 
 @pytest.fixture(scope="module")
-def synthetic(tmp_path_factory):
-    from mtrec.data.preprocess import preprocess
-    from mtrec.data.synth import write_synthetic
-
-    root = tmp_path_factory.mktemp("synthetic")
-    write_synthetic(root / "log.parquet", rows=100_000, seed=7)
-    preprocess([str(root / "log.parquet")], ["click", "like", "share"], str(root / "data"), user="user_id",
-               item="item_id", time="ts")
-    return root
+def synthetic(encoded_synthetic):
+    return encoded_synthetic("synthetic", rows=100_000, seed=7)
 
 
 def test_metabalance_does_not_lose_to_ew_on_the_rare_target(synthetic):

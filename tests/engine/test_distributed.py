@@ -18,15 +18,8 @@ ARGS = ["--model", "mmoe", "--target", "like", "--batch-size", "1201", "--epochs
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    from mtrec.data.preprocess import preprocess
-    from mtrec.data.synth import write_synthetic
-
-    root = tmp_path_factory.mktemp("ddp")
-    write_synthetic(root / "log.parquet", rows=6_000, seed=2)
-    preprocess([str(root / "log.parquet")], ["click", "like", "share"], str(root / "data"), user="user_id",
-               item="item_id", time="ts")
-    return root / "data"
+def data_dir(encoded_synthetic):
+    return encoded_synthetic("ddp", rows=6_000, seed=2) / "data"
 
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not built in")

@@ -30,15 +30,8 @@ def mtrec(*args, check=True, **kwargs):
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    from mtrec.data.preprocess import preprocess
-    from mtrec.data.synth import write_synthetic
-
-    root = tmp_path_factory.mktemp("train")
-    write_synthetic(root / "log.parquet", rows=12_000, seed=5)
-    preprocess([str(root / "log.parquet")], ["click", "like", "share"], str(root / "data"), user="user_id",
-               item="item_id", time="ts")
-    return root / "data"
+def data_dir(encoded_synthetic):
+    return encoded_synthetic("train", rows=12_000, seed=5) / "data"
 
 
 def final_model(run: Path) -> dict:

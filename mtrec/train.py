@@ -103,7 +103,6 @@ def autocast_dtype(cfg: TrainConfig, device: torch.device):
 class Trainer:
     def __init__(self, cfg: TrainConfig, resume: bool = False, force: bool = False, quiet: bool = False):
         self.cfg = cfg.validate()
-        self.quiet = quiet
         self.run_dir = Path(cfg.out)
         if not cfg.out:
             raise UserError("--out is required: the run directory to create")

@@ -117,6 +117,14 @@ def require_losses(balancer: Balancer, losses: Tensor | None) -> Tensor:
     return losses.detach().float()
 
 
+def register_adam_state(balancer: Balancer, logits: Tensor) -> None:
+    """The buffers ``adam_step_`` trains: ``logits`` (initial values given) and Adam's moments."""
+    balancer.register_buffer("logits", logits)
+    balancer.register_buffer("exp_avg", torch.zeros_like(logits))
+    balancer.register_buffer("exp_avg_sq", torch.zeros_like(logits))
+    balancer.register_buffer("steps", torch.zeros((), dtype=torch.long))
+
+
 def adam_step_(balancer: Balancer, grad: Tensor, betas=(0.9, 0.999), eps: float = 1e-8) -> None:
     """One Adam step on ``balancer.logits`` with ``grad``, moments in the balancer's buffers
     ``exp_avg``, ``exp_avg_sq``, ``steps`` (so they live in its state_dict). GradNorm and FAMO

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from mtrec.balancers.base import GradBalancer, adam_step_, check_real, require_losses, weighted_sum
+from mtrec.balancers.base import GradBalancer, adam_step_, register_adam_state, check_real, require_losses, weighted_sum
 
 
 class GradNorm(GradBalancer):
@@ -28,10 +28,7 @@ class GradNorm(GradBalancer):
         super().__init__(num_tasks)
         self.alpha = check_real(self.name, "alpha", alpha, "[0, inf)")
         self.lr = check_real(self.name, "lr", lr, "(0, inf)")
-        self.register_buffer("logits", torch.ones(num_tasks))
-        self.register_buffer("exp_avg", torch.zeros(num_tasks))
-        self.register_buffer("exp_avg_sq", torch.zeros(num_tasks))
-        self.register_buffer("steps", torch.zeros((), dtype=torch.long))
+        register_adam_state(self, torch.ones(num_tasks))
         self.register_buffer("initial_losses", torch.zeros(num_tasks))
 
     def weights(self) -> Tensor:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from mtrec.balancers.base import LossBalancer, adam_step_, check_int, check_real, check_reals
+from mtrec.balancers.base import LossBalancer, adam_step_, register_adam_state, check_int, check_real, check_reals
 from mtrec.errors import UserError
 
 
@@ -121,10 +121,7 @@ class FAMO(LossBalancer):
         super().__init__(num_tasks)
         self.lr = check_real(self.name, "lr", lr, "(0, inf)")
         self.weight_decay = check_real(self.name, "weight_decay", weight_decay, "[0, inf)")
-        self.register_buffer("logits", torch.zeros(num_tasks))
-        self.register_buffer("exp_avg", torch.zeros(num_tasks))
-        self.register_buffer("exp_avg_sq", torch.zeros(num_tasks))
-        self.register_buffer("steps", torch.zeros((), dtype=torch.long))
+        register_adam_state(self, torch.zeros(num_tasks))
         self.register_buffer("log_d_before", torch.zeros(num_tasks))
 
     def weights(self) -> Tensor:

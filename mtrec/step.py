@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mtrec.balancers.base import Balancer, GradBalancer, LossBalancer
+from mtrec.balancers.base import Balancer, GradBalancer, LossBalancer, tensor_grams
 
 SCOPES = ("shared", "all", "representation")
 
@@ -106,9 +106,8 @@ class Stepper:
         """Per shared tensor: per-task gradient norms [K, T] and pairwise cosines [K, T, T]."""
         if not self.want_diagnostics:
             return
-        flat = [g.detach().float().flatten(1) for g in grads]
-        norms = torch.stack([f.norm(dim=1) for f in flat])
-        gram = torch.stack([f @ f.T for f in flat])
+        gram = tensor_grams([g.detach() for g in grads])
+        norms = gram.diagonal(dim1=1, dim2=2).clamp_min(0).sqrt()
         cos = gram / (norms.unsqueeze(2) * norms.unsqueeze(1)).clamp_min(1e-30)
         self.diagnostics = {"norms": norms, "cosines": cos}
 
@@ -123,14 +122,16 @@ class Stepper:
             self.group.sum_([total])
         return bool(torch.isfinite(total).all())
 
-    def _reduce_param_grads(self) -> list[Tensor]:
-        """Sum the share-weighted local gradients of every optimized parameter across ranks."""
-        grads = []
-        for group in self.optimizer.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    p.grad = torch.zeros_like(p)
-                grads.append(p.grad)
+    def _param_grads(self) -> list[Tensor]:
+        """The gradients of every optimized parameter; under several processes first summed
+        (share-weighted) across ranks, which needs the same list on every rank."""
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        if not self.group:
+            return [p.grad for p in params if p.grad is not None]
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        grads = [p.grad for p in params]
         self.group.sum_(grads, self.share)
         return grads
 
@@ -146,9 +147,7 @@ class Stepper:
             # Sampled steps only: what the tasks' gradients look like under this loss weighting.
             self._diagnose(self.grads(losses, self.shared_params, retain_graph=True))
         self.balancer.weigh(losses).backward()
-        if self.group:
-            self._reduce_param_grads()
-        if not self._finite(losses, [p.grad for p in self.model.parameters() if p.grad is not None]):
+        if not self._finite(losses, self._param_grads()):
             return None  # finite losses, non-finite gradients: nothing was updated yet
         return losses.detach()
 

@@ -145,3 +145,15 @@ def test_bf16_autocast_step_keeps_fp32_gradients_and_finite_state(balancer_name)
     assert all(dtype == torch.float32 for dtypes in seen for dtype in dtypes)
     assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in model.parameters())
     assert all(torch.isfinite(v).all() for v in balancer.state_dict().values() if v.is_floating_point())
+
+
+def test_diagnostics_hold_each_tasks_gradient_norms_and_cosines():
+    model, balancer, stepper = setup("mmoe", "shared")
+    stepper.want_diagnostics = True
+    stepper.step(*data())
+    norms, cos = stepper.diagnostics["norms"], stepper.diagnostics["cosines"]
+    for k, g in enumerate(balancer.seen):
+        flat = g.flatten(1)
+        torch.testing.assert_close(norms[k], flat.norm(dim=1), rtol=1e-4, atol=1e-8)
+        expected = torch.nn.functional.cosine_similarity(flat.unsqueeze(1), flat.unsqueeze(0), dim=2)
+        torch.testing.assert_close(cos[k], expected, rtol=1e-3, atol=1e-5)

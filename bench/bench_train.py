@@ -29,7 +29,7 @@ from mtrec.config import TrainConfig  # noqa: E402
 from mtrec.data.schema import Schema  # noqa: E402
 from mtrec.data.tensors import load_split  # noqa: E402
 from mtrec.step import Stepper  # noqa: E402
-from mtrec.train import autocast_dtype, build_for, feature_names  # noqa: E402
+from mtrec.train import autocast_dtype, build_for, feature_names, make_optimizer  # noqa: E402
 
 TASKS = ["click", "like", "share"]
 
@@ -62,11 +62,7 @@ def time_steps(data: Path, model: str, balancer: str, scope: str, batch: int, de
     net, bal = build_for(cfg, schema, tasks)
     net.to(device)
     bal.to(device)
-    groups = [{"params": list(net.parameters())}]
-    extra = [p for p in bal.parameters() if p.requires_grad]
-    if extra:
-        groups.append({"params": extra, "weight_decay": 0.0})
-    opt = torch.optim.Adam(groups, lr=1e-3, fused=device.type == "cuda" or None)
+    opt = make_optimizer(net, bal, cfg, device)
     stepper = Stepper(net, bal, opt, scope or bal.default_scope, device, autocast_dtype(cfg, device))
     n = len(split)
     if device.type == "cuda":

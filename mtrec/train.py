@@ -94,6 +94,16 @@ def build_for(cfg: TrainConfig, schema: Schema, tasks: list[str]):
     return model, balancer
 
 
+def make_optimizer(model, balancer, cfg: TrainConfig, device: torch.device) -> torch.optim.Adam:
+    """Adam over the model and the balancer's learned parameters (UW's log-variances: no weight
+    decay); fused on CUDA."""
+    groups = [{"params": list(model.parameters()), "weight_decay": cfg.weight_decay}]
+    balancer_params = [p for p in balancer.parameters() if p.requires_grad]
+    if balancer_params:
+        groups.append({"params": balancer_params, "weight_decay": 0.0})
+    return torch.optim.Adam(groups, lr=cfg.lr, fused=device.type == "cuda" or None)
+
+
 def autocast_dtype(cfg: TrainConfig, device: torch.device):
     if cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda"):
         return torch.bfloat16
@@ -143,21 +153,16 @@ class Trainer:
         self.balancer.to(self.device)
         categorical, numeric = feature_names(self.schema)
         self.train_split = load_split(cfg.data, "train", categorical, numeric, self.tasks)
+        self.valid_split = load_split(cfg.data, "valid", categorical, numeric, self.tasks)
         self.on_device = cfg.data_placement == "device" or (
             cfg.data_placement == "auto" and fits_on_device(self.train_split, self.device))
         if self.on_device:
             self.train_split = self.train_split.to(self.device)
-        self.valid_split = load_split(cfg.data, "valid", categorical, numeric, self.tasks)
-        if self.on_device:
             self.valid_split = self.valid_split.to(self.device)
         if self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
-        groups = [{"params": list(self.model.parameters()), "weight_decay": cfg.weight_decay}]
-        balancer_params = [p for p in self.balancer.parameters() if p.requires_grad]
-        if balancer_params:
-            groups.append({"params": balancer_params, "weight_decay": 0.0})
-        self.optimizer = torch.optim.Adam(groups, lr=cfg.lr, fused=self.device.type == "cuda" or None)
+        self.optimizer = make_optimizer(self.model, self.balancer, cfg, self.device)
         self.stepper = Stepper(self.model, self.balancer, self.optimizer, self.scope, self.device,
                                autocast_dtype(cfg, self.device))
         self.stepper.group = self.group

@@ -18,6 +18,7 @@ class TrainConfig:
     model: str = "mmoe"
     target: str = ""
     tasks: list[str] = field(default_factory=list)  # empty: every label; the target always first
+    conditions: list[str] = field(default_factory=list)  # "task:given": task trained/scored where given = 1
     balancer: str = "ew"
     balancer_opts: dict[str, Any] = field(default_factory=dict)
     scope: str = ""  # empty: the balancer's default scope

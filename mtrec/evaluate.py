@@ -29,18 +29,24 @@ def predict(model, split: Split, batch_size: int, autocast_dtype=None) -> torch.
     return torch.cat(out)
 
 
-def split_metrics(model, split: Split, tasks: list[str], batch_size: int, k: int, autocast_dtype=None) -> dict:
-    """{task: {auc, gauc, logloss, ndcg, positive_rate, n}} in task order, plus the mean over tasks."""
+def split_metrics(model, split: Split, objective, batch_size: int, k: int, autocast_dtype=None) -> dict:
+    """{column: {auc, gauc, logloss, ndcg, positive_rate, n, condition}} in task order (conditional
+    tasks over the rows where their condition holds; ESMM adds ``ctcvr``), plus the mean over the
+    tasks. ``objective``: a ``mtrec.objective.Objective`` (which tasks, which conditions)."""
     logits = predict(model, split, batch_size, autocast_dtype)
     users = None if split.users is None else split.users.to(logits.device)
-    rows = metrics.task_metrics(logits, split.labels.to(logits.device), users, k=k)
     per_task = {}
-    for task, row in zip(tasks, rows):
-        per_task[task] = {"auc": row.get("auc"), "gauc": row.get("gauc"), "logloss": row.get("logloss"),
-                          "ndcg": row.get(f"ndcg@{k}", row.get("ndcg")), "positive_rate": row.get("positive_rate"),
-                          "n": row.get("n", len(split))}
-    per_task["mean"] = {key: _mean([r[key] for r in per_task.values()])
-                        for key in ("auc", "gauc", "logloss", "ndcg", "positive_rate")}
+    for column in objective.columns(logits, split.labels.to(logits.device)):
+        scores, labels, groups = column.logits, column.labels, users
+        if column.rows is not None:
+            scores, labels = scores[column.rows], labels[column.rows]
+            groups = None if users is None else users[column.rows]
+        (row,) = metrics.task_metrics(scores, labels, groups, k=k)
+        per_task[column.name] = {"auc": row["auc"], "gauc": row["gauc"], "logloss": row["logloss"],
+                                 "ndcg": row[f"ndcg@{k}"], "positive_rate": row["positive_rate"], "n": row["n"],
+                                 "condition": column.condition}
+    tasks = [per_task[t] for t in objective.tasks if t in per_task]
+    per_task["mean"] = {key: _mean([r[key] for r in tasks]) for key in ("auc", "gauc", "logloss", "ndcg", "positive_rate")}
     per_task["mean"]["n"] = len(split)
     return per_task
 
@@ -80,7 +86,7 @@ def load_run(run_dir: str | Path, which: str = "best", device: str = "cpu"):
 def evaluate_run(run_dir: str | Path, data: str | None = None, raw: str | None = None, split: str = "test",
                  device: str = "auto", which: str = "best") -> dict:
     from mtrec.data.schema import Schema
-    from mtrec.train import autocast_dtype, feature_names, resolve_device
+    from mtrec.train import autocast_dtype, feature_names, objective_for, resolve_device
 
     dev = resolve_device(device)
     model, cfg, tasks, run_schema = load_run(run_dir, which, dev)
@@ -105,7 +111,7 @@ def evaluate_run(run_dir: str | Path, data: str | None = None, raw: str | None =
         part = load_split(data_dir, split, categorical, numeric, tasks)
         label = f"{split} split of {data_dir}"
     part = part.to(dev) if fits_on_device(part, dev) else part  # else copied batch by batch
-    result = split_metrics(model, part, tasks, cfg.eval_batch_size, cfg.ndcg_k, autocast_dtype(cfg, dev))
+    result = split_metrics(model, part, objective_for(cfg, tasks), cfg.eval_batch_size, cfg.ndcg_k, autocast_dtype(cfg, dev))
     return {"run": str(run_dir), "data": label, "tasks": tasks, "target": tasks[0], "ndcg_k": cfg.ndcg_k,
             "metrics": result}
 

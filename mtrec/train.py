@@ -23,6 +23,7 @@ from mtrec.data.tensors import Split, batches, epoch_permutation, fits_on_device
 from mtrec.errors import UserError
 from mtrec.evaluate import split_metrics
 from mtrec.models import ModelConfig, SingleTask, build as build_model
+from mtrec.objective import Objective, parse_conditions
 from mtrec.report import TrainProgress, console
 from mtrec.step import SCOPES, Stepper
 
@@ -69,6 +70,10 @@ def resolve_tasks(schema: Schema, target: str, tasks: list[str]) -> list[str]:
     if len(set(tasks)) != len(tasks):
         raise UserError("--tasks lists a task twice")
     return [target] + [t for t in tasks if t != target]
+
+
+def objective_for(cfg: TrainConfig, tasks: list[str]) -> Objective:
+    return Objective(tasks, parse_conditions(cfg.conditions, tasks), esmm=cfg.model == "esmm")
 
 
 def feature_names(schema: Schema) -> tuple[list[str], list[str]]:
@@ -123,6 +128,7 @@ class Trainer:
             raise UserError(f"run directory {self.run_dir} exists: pass --force to overwrite or --resume to continue")
         self.schema = Schema.load(cfg.data)
         self.tasks = resolve_tasks(self.schema, cfg.target, cfg.tasks)
+        self.objective = objective_for(cfg, self.tasks)
         if self.schema.positive_rate.get(self.tasks[0], 1.0) <= 0.0:
             raise UserError(f"the target task {self.tasks[0]!r} has no positive in the train split: "
                             "choose another --target or split the data differently")
@@ -164,7 +170,7 @@ class Trainer:
             torch.backends.cudnn.allow_tf32 = True
         self.optimizer = make_optimizer(self.model, self.balancer, cfg, self.device)
         self.stepper = Stepper(self.model, self.balancer, self.optimizer, self.scope, self.device,
-                               autocast_dtype(cfg, self.device))
+                               autocast_dtype(cfg, self.device), self.objective)
         self.stepper.group = self.group
         self.state = LoopState()
         self.stop_requested = False
@@ -294,7 +300,7 @@ class Trainer:
 
     def _end_epoch(self, samples_per_second: float) -> None:
         cfg, s = self.cfg, self.state
-        metrics = split_metrics(self.model, self.valid_split, self.tasks, cfg.eval_batch_size, cfg.ndcg_k,
+        metrics = split_metrics(self.model, self.valid_split, self.objective, cfg.eval_batch_size, cfg.ndcg_k,
                                 autocast_dtype(cfg, self.device))
         target_auc = metrics[self.tasks[0]]["auc"]
         record = {"epoch": s.epoch + 1, "step": s.global_step, "samples_per_second": samples_per_second,

@@ -201,6 +201,7 @@ def test_evaluate_raw_logs_match_encoded_split(world, tmp_path):
     """Raw logs through the saved vocabularies score exactly like the rows preprocess encoded."""
     from mtrec.data.tensors import frame_to_split
     from mtrec.evaluate import load_run, split_metrics
+    from mtrec.objective import Objective
     from mtrec.train import feature_names
 
     code, out = invoke("evaluate", world / "run", "--json", "--device", "cpu", "--raw", world / "log.parquet")
@@ -209,7 +210,7 @@ def test_evaluate_raw_logs_match_encoded_split(world, tmp_path):
     model, cfg, tasks, schema = load_run(world / "run")
     encoded = pl.concat([pl.read_parquet(world / "data" / f"{s}.parquet") for s in ("train", "valid", "test")])
     split = frame_to_split(encoded, *feature_names(schema), tasks)
-    expected = split_metrics(model, split, tasks, 4096, cfg.ndcg_k)
+    expected = split_metrics(model, split, Objective(tasks, {}), 4096, cfg.ndcg_k)
     for task in tasks:
         for key in ("auc", "gauc", "logloss", "ndcg"):
             assert raw[task][key] == pytest.approx(expected[task][key], rel=1e-9, abs=1e-12), (task, key)

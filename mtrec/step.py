@@ -163,12 +163,12 @@ class Stepper:
         with self.autocast:
             e = model.embed(codes)
             if self.scope == "representation":
-                z = model.encode(e, numeric)
+                z = model.encode(e, numeric, codes)
                 leaves = [t.detach().requires_grad_() for t in z]
                 logits = model.decode(tuple(leaves))
             else:
                 leaves = [e.detach().requires_grad_()]
-                logits = model.decode(model.encode(leaves[0], numeric))
+                logits = model.decode(model.encode(leaves[0], numeric, codes))
         losses = self._losses(logits, labels)
         detached = losses.detach()
         if self.scope == "representation":

@@ -22,7 +22,7 @@ from mtrec.data.schema import Schema
 from mtrec.data.tensors import Split, batches, epoch_permutation, fits_on_device, host_batches, load_split
 from mtrec.errors import UserError
 from mtrec.evaluate import split_metrics
-from mtrec.models import ModelConfig, SingleTask, build as build_model
+from mtrec.models import ModelConfig, SequenceField, SingleTask, build as build_model
 from mtrec.objective import Objective, parse_conditions
 from mtrec.report import TrainProgress, console
 from mtrec.step import SCOPES, Stepper
@@ -77,9 +77,24 @@ def objective_for(cfg: TrainConfig, tasks: list[str]) -> Objective:
 
 
 def feature_names(schema: Schema) -> tuple[list[str], list[str]]:
-    categorical = [f.name for f in schema.features if f.kind == "categorical"]
-    numeric = [f.name for f in schema.features if f.kind == "numeric"]
+    """(code columns in model order: the flat categoricals, then the sequences; numeric columns)."""
+    categorical = [f.name for f in schema.categorical_features] + [f.name for f in schema.sequence_features]
+    numeric = [f.name for f in schema.numeric_features]
     return categorical, numeric
+
+
+def sequence_fields(schema: Schema) -> list[SequenceField]:
+    """The schema's sequence features as the model sees them (shared rows by field index)."""
+    index = {f.name: i for i, f in enumerate(schema.categorical_features)}
+    fields = []
+    for f in schema.sequence_features:
+        shared = index.get(f.share_with) if f.share_with else None
+        if f.share_with and shared is None:
+            raise UserError(f"schema.json: sequence {f.name!r} shares rows with {f.share_with!r}, which is not a "
+                            "categorical feature: re-run mtrec preprocess")
+        fields.append(SequenceField(f.name, f.max_len, f.pooling or "mean", 0 if shared is not None else f.vocab_size,
+                                    shared, shared if f.pooling == "attention" else None))
+    return fields
 
 
 def model_config(cfg: TrainConfig) -> ModelConfig:
@@ -89,12 +104,25 @@ def model_config(cfg: TrainConfig) -> ModelConfig:
                        dropout=cfg.dropout)
 
 
+def start_rates(schema: Schema, tasks: list[str], objective: Objective) -> list[float]:
+    """Each tower's starting positive rate: the train rate, or for a conditional task its rate
+    among the rows where its condition holds (labels nest: purchase implies click)."""
+    rates = []
+    for t in tasks:
+        rate = schema.positive_rate[t]
+        given = objective.conditions.get(t)
+        if given and schema.positive_rate.get(given, 0.0) > 0.0:
+            rate = min(rate / schema.positive_rate[given], 1.0)
+        rates.append(rate)
+    return rates
+
+
 def build_for(cfg: TrainConfig, schema: Schema, tasks: list[str]):
     """Model and balancer for a config and a schema (shared by train, resume and evaluate)."""
-    categorical, numeric = feature_names(schema)
-    vocab = {f.name: f.vocab_size for f in schema.features if f.kind == "categorical"}
-    rates = [schema.positive_rate[t] for t in tasks]
-    model = build_model(cfg.model, [vocab[c] for c in categorical], len(numeric), rates, model_config(cfg))
+    vocab = [f.vocab_size for f in schema.categorical_features]
+    rates = start_rates(schema, tasks, objective_for(cfg, tasks))
+    model = build_model(cfg.model, vocab, len(schema.numeric_features), rates, model_config(cfg),
+                        sequence_fields(schema))
     balancer = balancers.build(cfg.balancer, num_tasks=len(tasks), **cfg.balancer_opts)
     return model, balancer
 

@@ -42,12 +42,22 @@ class Split:
 
 
 def _block(frame: pl.DataFrame, columns: list[str], dtype) -> np.ndarray:
+    """``[N, C]`` block of the columns; a fixed-size list column (an encoded sequence) adds its
+    ``max_len`` element columns in place."""
     if not columns:
         return np.zeros((frame.height, 0), dtype=dtype)
-    return np.ascontiguousarray(frame.select(columns).to_numpy().astype(dtype, copy=False))
+    flat = [c for c in columns if not isinstance(frame.schema[c], pl.Array)]
+    if len(flat) == len(columns):
+        return np.ascontiguousarray(frame.select(columns).to_numpy().astype(dtype, copy=False))
+    parts = []
+    for c in columns:
+        values = frame[c].to_numpy()
+        parts.append(values.reshape(frame.height, -1).astype(dtype, copy=False))
+    return np.ascontiguousarray(np.concatenate(parts, axis=1))
 
 
 def frame_to_split(frame: pl.DataFrame, categorical: list[str], numeric: list[str], tasks: list[str]) -> Split:
+    """``categorical``: the code columns in model order (flat categoricals, then sequences)."""
     missing = [c for c in categorical + numeric + tasks if c not in frame.columns]
     if missing:
         raise UserError(f"encoded data lacks column(s) {', '.join(missing)}: re-run mtrec preprocess")

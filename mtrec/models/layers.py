@@ -13,21 +13,34 @@ from torch import Tensor, nn
 
 
 class FusedEmbedding(nn.Module):
-    """One table for every categorical field, with per-field offsets: one lookup kernel.
+    """One table for every categorical field and sequence, with per-column offsets: one lookup kernel.
 
+    Code columns are the categorical fields, then each sequence's ``length`` element columns. A
+    sequence has its own segment of the table, or uses the rows of the field it shares them with
+    (``share_with``), so an item id and the same id in a history are one embedding row.
     Code 0 (null) and 1 (out of vocabulary) of each field are ordinary learned rows: "missing" and
-    "rare" carry signal in click logs.
+    "rare" carry signal in click logs (padding elements of sequences are masked by the pooling).
     """
 
-    def __init__(self, vocab_sizes: list[int], dim: int):
+    def __init__(self, vocab_sizes: list[int], dim: int, sequences=()):
         super().__init__()
-        offsets = torch.tensor([0] + vocab_sizes[:-1], dtype=torch.long).cumsum(0)
-        self.register_buffer("offsets", offsets, persistent=False)
-        self.table = nn.Embedding(max(sum(vocab_sizes), 1), dim)
+        segments = list(vocab_sizes) + [s.vocab_size for s in sequences if s.share_with is None]
+        starts = [0]
+        for size in segments[:-1]:
+            starts.append(starts[-1] + size)
+        columns, own = list(starts[:len(vocab_sizes)]), len(vocab_sizes)
+        for s in sequences:
+            if s.share_with is None:
+                start, own = starts[own], own + 1
+            else:
+                start = starts[s.share_with]
+            columns += [start] * s.length
+        self.register_buffer("offsets", torch.tensor(columns, dtype=torch.long), persistent=False)
+        self.table = nn.Embedding(max(sum(segments), 1), dim)
         nn.init.normal_(self.table.weight, std=1e-2)
 
     def rows(self, codes: Tensor) -> Tensor:
-        """Global row ids ``[B, F]`` of the fused table for per-field codes ``[B, F]``."""
+        """Global row ids ``[B, C]`` of the fused table for per-column codes ``[B, C]``."""
         return codes.long() + self.offsets
 
     def forward(self, codes: Tensor) -> Tensor:

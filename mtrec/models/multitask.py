@@ -2,8 +2,9 @@
 
 Every model runs in three stages so the engine can take per-task gradients at any seam:
 
-    embed(codes)            -> e   [B, F_cat, d]   the fused-table rows (shared)
-    encode(e, numeric)      -> z   tuple of tensors, the shared representation
+    embed(codes)               -> e   [B, C, d]   the fused-table rows of every code column (shared)
+    encode(e, numeric, codes)  -> z   tuple of tensors, the shared representation (sequences are
+                                      pooled here, so ``codes`` gives their padding masks)
     decode(z)               -> logits [B, T]        only task-specific parameters from here on
 
 ``forward`` chains them. ``shared_parameters()`` are the dense shared parameters (everything
@@ -22,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from mtrec.models.layers import FusedEmbedding, NumericProjection, StackedMLP, mix
+from mtrec.models.sequence import SequenceField, SequencePooling
 
 
 @dataclass
@@ -42,14 +44,16 @@ def _logit(rate: float) -> float:
 
 
 class MultiTaskModel(nn.Module):
-    def __init__(self, vocab_sizes: list[int], num_numeric: int, positive_rates: list[float], cfg: ModelConfig):
+    def __init__(self, vocab_sizes: list[int], num_numeric: int, positive_rates: list[float], cfg: ModelConfig,
+                 sequences: list[SequenceField] = ()):
         super().__init__()
         self.num_tasks = len(positive_rates)
         self.num_numeric = num_numeric
         self.cfg = cfg
-        self.input_dim = (len(vocab_sizes) + num_numeric) * cfg.embedding_dim
-        self.embedding = FusedEmbedding(vocab_sizes, cfg.embedding_dim)
+        self.input_dim = (len(vocab_sizes) + len(sequences) + num_numeric) * cfg.embedding_dim
+        self.embedding = FusedEmbedding(vocab_sizes, cfg.embedding_dim, sequences)
         self.numeric = NumericProjection(num_numeric, cfg.embedding_dim) if num_numeric else None
+        self.pooling = SequencePooling(len(vocab_sizes), list(sequences), cfg.embedding_dim)
 
     def _towers(self, in_dim: int, positive_rates: list[float]) -> StackedMLP:
         towers = StackedMLP(self.num_tasks, [in_dim, *self.cfg.tower_sizes, 1], last_activation=False,
@@ -64,21 +68,26 @@ class MultiTaskModel(nn.Module):
     def embed(self, codes: Tensor) -> Tensor:
         return self.embedding(codes)
 
-    def flat_input(self, e: Tensor, numeric: Tensor) -> Tensor:
+    def flat_input(self, e: Tensor, numeric: Tensor, codes: Tensor | None = None) -> Tensor:
+        """Pooled fields and projected numerics, flattened: ``[B, input_dim]``."""
+        if self.pooling.sequences:
+            if codes is None:
+                raise ValueError("a model with sequence fields needs the codes (padding masks) in encode")
+            e = self.pooling(e, codes)
         parts = [e]
         if self.numeric is not None:
             parts.append(self.numeric(numeric).to(e.dtype))
         x = torch.cat(parts, dim=1) if len(parts) > 1 else e
         return x.flatten(1)
 
-    def encode(self, e: Tensor, numeric: Tensor) -> tuple[Tensor, ...]:
+    def encode(self, e: Tensor, numeric: Tensor, codes: Tensor | None = None) -> tuple[Tensor, ...]:
         raise NotImplementedError
 
     def decode(self, z: tuple[Tensor, ...]) -> Tensor:
         raise NotImplementedError
 
     def forward(self, codes: Tensor, numeric: Tensor) -> Tensor:
-        return self.decode(self.encode(self.embed(codes), numeric))
+        return self.decode(self.encode(self.embed(codes), numeric, codes))
 
     # --- parameter roles --------------------------------------------------------------------
     def task_modules(self) -> list[nn.Module]:
@@ -99,13 +108,13 @@ class MultiTaskModel(nn.Module):
 
 
 class SharedBottom(MultiTaskModel):
-    def __init__(self, vocab_sizes, num_numeric, positive_rates, cfg):
-        super().__init__(vocab_sizes, num_numeric, positive_rates, cfg)
+    def __init__(self, vocab_sizes, num_numeric, positive_rates, cfg, sequences=()):
+        super().__init__(vocab_sizes, num_numeric, positive_rates, cfg, sequences)
         self.bottom = StackedMLP(1, [self.input_dim, *cfg.expert_sizes], dropout=cfg.dropout)
         self.towers = self._towers(cfg.expert_sizes[-1], positive_rates)
 
-    def encode(self, e, numeric):
-        return (self.bottom(self.flat_input(e, numeric)).squeeze(1),)
+    def encode(self, e, numeric, codes=None):
+        return (self.bottom(self.flat_input(e, numeric, codes)).squeeze(1),)
 
     def decode(self, z):
         (h,) = z
@@ -116,14 +125,14 @@ class SharedBottom(MultiTaskModel):
 
 
 class MMoE(MultiTaskModel):
-    def __init__(self, vocab_sizes, num_numeric, positive_rates, cfg):
-        super().__init__(vocab_sizes, num_numeric, positive_rates, cfg)
+    def __init__(self, vocab_sizes, num_numeric, positive_rates, cfg, sequences=()):
+        super().__init__(vocab_sizes, num_numeric, positive_rates, cfg, sequences)
         self.experts = StackedMLP(cfg.num_experts, [self.input_dim, *cfg.expert_sizes], dropout=cfg.dropout)
         self.gates = StackedMLP(self.num_tasks, [self.input_dim, cfg.num_experts], last_activation=False)
         self.towers = self._towers(cfg.expert_sizes[-1], positive_rates)
 
-    def encode(self, e, numeric):
-        x = self.flat_input(e, numeric)
+    def encode(self, e, numeric, codes=None):
+        x = self.flat_input(e, numeric, codes)
         return x, self.experts(x)
 
     def decode(self, z):
@@ -143,8 +152,8 @@ class PLE(MultiTaskModel):
     task experts and gates belong to their task.
     """
 
-    def __init__(self, vocab_sizes, num_numeric, positive_rates, cfg):
-        super().__init__(vocab_sizes, num_numeric, positive_rates, cfg)
+    def __init__(self, vocab_sizes, num_numeric, positive_rates, cfg, sequences=()):
+        super().__init__(vocab_sizes, num_numeric, positive_rates, cfg, sequences)
         T, nt, ns = self.num_tasks, cfg.task_experts, cfg.shared_experts
         self.task_experts = nn.ModuleList()
         self.shared_experts = nn.ModuleList()
@@ -175,8 +184,8 @@ class PLE(MultiTaskModel):
         weights = torch.softmax(self.task_gates[level](task_inputs).float(), dim=-1).to(experts.dtype)
         return torch.einsum("bte,bteh->bth", weights, experts)
 
-    def encode(self, e, numeric):
-        x = self.flat_input(e, numeric)
+    def encode(self, e, numeric, codes=None):
+        x = self.flat_input(e, numeric, codes)
         task_inputs, shared_input = x, x
         for level in range(self.cfg.levels - 1):
             shared_out = self.shared_experts[level](shared_input)
@@ -202,13 +211,37 @@ class PLE(MultiTaskModel):
         return own + rest
 
 
+class ESMM(MultiTaskModel):
+    """Entire Space Multi-task Model (Ma et al., SIGIR 2018): one MLP tower per task over shared
+    embeddings. The CTCVR product pCTR x pCVR that trains the CVR tower on every impression lives
+    in ``mtrec.objective`` (the model outputs each tower's own logit). Towers: the expert sizes,
+    then the tower sizes, as one stacked MLP."""
+
+    def __init__(self, vocab_sizes, num_numeric, positive_rates, cfg, sequences=()):
+        super().__init__(vocab_sizes, num_numeric, positive_rates, cfg, sequences)
+        self.towers = StackedMLP(self.num_tasks, [self.input_dim, *cfg.expert_sizes, *cfg.tower_sizes, 1],
+                                 last_activation=False, dropout=cfg.dropout)
+        with torch.no_grad():
+            self.towers.biases[-1].copy_(torch.tensor([[_logit(r)] for r in positive_rates]))
+
+    def encode(self, e, numeric, codes=None):
+        return (self.flat_input(e, numeric, codes),)
+
+    def decode(self, z):
+        (x,) = z
+        return self.towers(x.unsqueeze(1).expand(-1, self.num_tasks, -1)).squeeze(-1)
+
+    def task_modules(self):
+        return [self.towers]
+
+
 class SingleTask(nn.Module):
     """One independent network per task (embeddings, MLP, tower): the no-sharing baseline."""
 
-    def __init__(self, vocab_sizes, num_numeric, positive_rates, cfg):
+    def __init__(self, vocab_sizes, num_numeric, positive_rates, cfg, sequences=()):
         super().__init__()
         self.num_tasks = len(positive_rates)
-        self.nets = nn.ModuleList(SharedBottom(vocab_sizes, num_numeric, [r], cfg) for r in positive_rates)
+        self.nets = nn.ModuleList(SharedBottom(vocab_sizes, num_numeric, [r], cfg, sequences) for r in positive_rates)
 
     def forward(self, codes: Tensor, numeric: Tensor) -> Tensor:
         return torch.cat([net(codes, numeric) for net in self.nets], dim=1)
@@ -223,4 +256,4 @@ class SingleTask(nn.Module):
         return [(p, slice(None)) for p in self.nets[t].parameters()]
 
 
-ARCHITECTURES = {"single": SingleTask, "shared-bottom": SharedBottom, "mmoe": MMoE, "ple": PLE}
+ARCHITECTURES = {"single": SingleTask, "shared-bottom": SharedBottom, "mmoe": MMoE, "ple": PLE, "esmm": ESMM}

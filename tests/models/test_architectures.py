@@ -104,4 +104,4 @@ def test_unknown_model_is_a_user_error():
 
     with pytest.raises(UserError, match="mmoe"):
         build("transformer", VOCAB, 2, RATES)
-    assert names() == ["single", "shared-bottom", "mmoe", "ple"]
+    assert names() == ["single", "shared-bottom", "mmoe", "ple", "esmm"]

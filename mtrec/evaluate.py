@@ -7,6 +7,7 @@ import json
 import math
 from pathlib import Path
 
+import polars as pl
 import torch
 
 from mtrec import checkpoint, metrics
@@ -97,11 +98,17 @@ def evaluate_run(run_dir: str | Path, data: str | None = None, raw: str | None =
 
         data_schema = Schema.load(data_dir)
         _check_same_schema(run_schema, data_schema, data_dir)
-        frame = encode(read_raw(raw), data_schema, data_dir / "vocab")
-        if hasattr(frame, "collect"):
-            frame = frame.collect()
+        log = read_raw(raw)
+        present = set(log.collect_schema())
+        scored = [t for t in tasks if t in present]
+        if not scored:
+            raise UserError(f"{raw} has none of the label columns {', '.join(tasks)}: pass a labelled log, or "
+                            "score an unlabelled one with mtrec predict")
+        frame = encode(log, data_schema, data_dir / "vocab", labels=scored).collect(engine="streaming")
         if frame.height == 0:
             raise UserError(f"{raw} has no rows")
+        # Absent labels become NaN columns, and the tasks (or conditions) that need them are not scored.
+        frame = frame.with_columns(pl.lit(float("nan"), pl.Float32).alias(t) for t in tasks if t not in present)
         part = frame_to_split(frame, categorical, numeric, tasks)
         label = f"raw {raw}"
     else:
@@ -111,14 +118,17 @@ def evaluate_run(run_dir: str | Path, data: str | None = None, raw: str | None =
         part = load_split(data_dir, split, categorical, numeric, tasks)
         label = f"{split} split of {data_dir}"
     part = part.to(dev) if fits_on_device(part, dev) else part  # else copied batch by batch
-    result = split_metrics(model, part, objective_for(cfg, tasks), cfg.eval_batch_size, cfg.ndcg_k, autocast_dtype(cfg, dev))
+    objective = objective_for(cfg, tasks)
+    if raw is not None:
+        objective.unscored = {t for t in tasks if t not in present}
+    result = split_metrics(model, part, objective, cfg.eval_batch_size, cfg.ndcg_k, autocast_dtype(cfg, dev))
     return {"run": str(run_dir), "data": label, "tasks": tasks, "target": tasks[0], "ndcg_k": cfg.ndcg_k,
             "metrics": result}
 
 
 def _check_same_schema(run_schema, data_schema, data_dir) -> None:
     def shape(s):
-        return [(f.name, f.kind, f.vocab_size if f.kind == "categorical" else None) for f in s.features]
+        return [(f.name, f.kind, f.vocab_size if f.kind != "numeric" else None) for f in s.features]
 
     if shape(run_schema) != shape(data_schema) or not set(run_schema.labels) <= set(data_schema.labels):
         raise UserError(f"the data in {data_dir} has other features or tasks than the run was trained on: "

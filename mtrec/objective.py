@@ -91,6 +91,7 @@ class Objective:
         if self.esmm:
             self.train_ancestors[self.esmm[0]] = 0.0
         self.masked = bool(self.train_ancestors.any())
+        self.unscored: set[str] = set()  # tasks whose labels a log lacks: not scored, nor what needs them
 
     def row_mask(self, labels: Tensor, ancestors: Tensor | None = None) -> Tensor:
         """``[B, T]`` 1.0 where every ancestor's label is positive (no loop, no sync)."""
@@ -133,15 +134,26 @@ class Objective:
         mask = None if labels is None or not bool(self.ancestors.any()) else self.row_mask(labels) > 0
         out = []
         for t, task in enumerate(self.tasks):
+            if self._needs_unscored(task):
+                continue
             conditional = task in self.conditions
             rows = mask[:, t] if conditional and mask is not None else None
             out.append(Column(task, logits[:, t], None if labels is None else labels[:, t], rows,
                               self.conditions.get(task)))
-        if self.esmm:
+        if self.esmm and not self._needs_unscored(self.tasks[self.esmm[0]]):
             cvr, ctr = self.esmm
             both = None if labels is None else labels[:, cvr] * labels[:, ctr]
             out.append(Column(CTCVR, ctcvr_logit(logits[:, cvr], logits[:, ctr]), both))
         return out
+
+
+    def _needs_unscored(self, task: str) -> bool:
+        """Whether scoring ``task`` needs a label that is absent (its own or a condition's)."""
+        while task is not None:
+            if task in self.unscored:
+                return True
+            task = self.conditions.get(task)
+        return False
 
 
 def ctcvr_logit(cvr_logit: Tensor, ctr_logit: Tensor) -> Tensor:

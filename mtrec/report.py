@@ -32,9 +32,15 @@ def metrics_table(per_task: dict[str, dict], title: str, ndcg_k: int = 10) -> Ta
     for key in METRIC_COLUMNS:
         table.add_column(headers[key], justify="right")
     table.add_column("rows", justify="right")
+    conditional = False
     for task, row in per_task.items():
-        table.add_row(task, *(_fmt(row.get(k)) for k in METRIC_COLUMNS), _fmt(row.get("n")),
+        name = task
+        if row.get("condition"):  # scored only on the rows where its condition holds
+            name, conditional = f"{task} | {row['condition']}=1", True
+        table.add_row(name, *(_fmt(row.get(k)) for k in METRIC_COLUMNS), _fmt(row.get("n")),
                       style="bold" if task == "mean" else None)
+    if conditional:
+        table.caption = "a | b=1: task a is conditional, scored over the rows where b = 1 (rows: how many)"
     return table
 
 

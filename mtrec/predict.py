@@ -1,0 +1,99 @@
+"""``mtrec predict``: probabilities of a trained run for new raw logs, streamed to one Parquet file.
+
+One lazy plan encodes every input file with the run's vocabularies (``encode``, the same function
+preprocess used, so a raw row encodes exactly as at training time), and Polars' streaming engine
+hands it over in chunks, in input order; each chunk is scored and appended to a temporary file that
+is renamed to ``--out`` when complete. Memory holds one chunk, whatever the size of the log.
+Labels are not needed. Output: the ``--keep`` columns as they are in the input (default: the user
+and item columns), then a float32 ``p_<task>`` per task (ESMM also ``p_ctcvr``).
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+
+import polars as pl
+import pyarrow.parquet as pq
+import torch
+
+from mtrec.errors import UserError
+
+CHUNK_ROWS = 1 << 18
+_KEEP = "__mtrec_keep_"
+
+
+def data_dir_of(cfg) -> Path:
+    """The encoded data directory (its vocabularies encode raw logs) of a run's config."""
+    path = Path(cfg.data)
+    if not (path / "schema.json").is_file():
+        raise UserError(f"the run's data directory {path} (with the vocabularies) is not there: pass --data DIR, "
+                        "the directory mtrec preprocess wrote for this run")
+    return path
+
+
+def predict_log(run_dir: str | Path, raw: list[str], out: str | Path, *, keep: list[str] | None = None,
+                which: str = "best", device: str = "auto", data: str | None = None, force: bool = False,
+                chunk_rows: int = CHUNK_ROWS) -> dict:
+    from mtrec.data.encode import encode
+    from mtrec.data.schema import Schema
+    from mtrec.data.sources import column_list, scan_inputs
+    from mtrec.data.tensors import frame_to_split
+    from mtrec.evaluate import _check_same_schema, load_run, predict
+    from mtrec.objective import CTCVR
+    from mtrec.train import feature_names, objective_for, resolve_device
+
+    out = Path(out)
+    if out.exists() and not force:
+        raise UserError(f"{out} exists: pass --force to overwrite it, or choose another --out")
+    if out.is_dir():
+        raise UserError(f"--out {out} is a directory: name a .parquet file")
+    dev = resolve_device(device)
+    model, cfg, tasks, run_schema = load_run(run_dir, which, dev)
+    data_dir = Path(data) if data else data_dir_of(cfg)
+    schema = Schema.load(data_dir)
+    _check_same_schema(run_schema, schema, data_dir)
+    frame, files = scan_inputs(raw)
+    if any(f.resolve() == out.resolve() for f in files):
+        raise UserError(f"--out {out} is one of the inputs: choose another file")
+    columns = frame.collect_schema()
+    keep = [c for c in (schema.user, schema.item) if c and c in columns] if keep is None else keep
+    missing = [c for c in keep if c not in columns]
+    if missing:
+        raise UserError(f"--keep column(s) {', '.join(missing)} not in the log (columns: {column_list(frame)})")
+    frame = frame.with_columns(pl.col(c).alias(_KEEP + c) for c in keep)
+    encoded = encode(frame, schema, data_dir / "vocab", labels=[], check=False, keep=tuple(_KEEP + c for c in keep))
+    categorical, numeric = feature_names(run_schema)
+    objective = objective_for(cfg, tasks)
+    names = [f"p_{t}" for t in tasks] + ([f"p_{CTCVR}"] if objective.esmm else [])
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    writer, rows = None, 0
+    try:
+        for chunk in encoded.collect_batches(chunk_size=chunk_rows, maintain_order=True):
+            if chunk.height == 0:
+                continue
+            logits = predict(model, frame_to_split(chunk, categorical, numeric, []), cfg.eval_batch_size)
+            scores = [c.logits for c in objective.columns(logits, None)]
+            probs = torch.sigmoid(torch.stack(scores, 1)).float().cpu().numpy()
+            table = pl.DataFrame([chunk[_KEEP + c].alias(c) for c in keep]
+                                 + [pl.Series(name, probs[:, j]) for j, name in enumerate(names)]).to_arrow()
+            if writer is None:
+                writer = pq.ParquetWriter(tmp, table.schema, compression="zstd")
+            writer.write_table(table)
+            rows += chunk.height
+        if writer is None:
+            raise UserError(f"the log {', '.join(map(str, raw))} has no rows: nothing to predict")
+        writer.close()
+        writer = None
+        os.replace(tmp, out)
+    except (pl.exceptions.ComputeError, OSError) as err:
+        raise UserError(f"reading the log or writing {out} failed ({str(err).splitlines()[0]}): check the inputs "
+                        "and the disk") from err
+    finally:
+        if writer is not None:
+            writer.close()
+        tmp.unlink(missing_ok=True)
+    return {"out": str(out), "rows": rows, "columns": keep + names, "run": str(run_dir), "checkpoint": which}

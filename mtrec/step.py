@@ -28,6 +28,8 @@ from torch import Tensor
 
 from mtrec.balancers.base import Balancer, GradBalancer, LossBalancer, tensor_grams
 from mtrec.objective import Objective
+from mtrec.optim import embedding_tables, empty_row_grad, row_grad
+from mtrec.report import err_console
 
 SCOPES = ("shared", "all", "representation")
 
@@ -59,8 +61,13 @@ class PerTaskGrads:
                 self.batched = True
                 return [torch.zeros((T, *x.shape), device=x.device, dtype=x.dtype) if g is None else g
                         for g, x in zip(grads, inputs)]
-            except RuntimeError:
+            except RuntimeError as err:
+                if not _no_batching_rule(err):
+                    raise  # out of memory, a real bug: never hidden behind the slower path
                 self.batched = False
+                err_console.print(f"warning: the batched per-task gradient call is not supported by this model "
+                                  f"({str(err).splitlines()[0]}); using a loop of {T} backward passes",
+                                  markup=False, highlight=False, soft_wrap=True)
         rows = []
         for t in range(T):
             gs = torch.autograd.grad(losses[t], inputs, retain_graph=retain_graph or t < T - 1, allow_unused=True)
@@ -68,11 +75,18 @@ class PerTaskGrads:
         return [torch.stack(per_input) for per_input in zip(*rows)]
 
 
+def _no_batching_rule(err: RuntimeError) -> bool:
+    """The one failure of the batched call that the loop can work around: an op vmap cannot batch."""
+    text = str(err).lower()
+    return not isinstance(err, torch.cuda.OutOfMemoryError) and ("vmap" in text or "batching rule" in text)
+
+
 class Stepper:
     """Owns model, optimizer and balancer for the step; ``step(batch)`` returns detached losses."""
 
     def __init__(self, model, balancer: Balancer, optimizer: torch.optim.Optimizer, scope: str,
-                 device: torch.device, autocast_dtype: torch.dtype | None, objective: Objective | None = None):
+                 device: torch.device, autocast_dtype: torch.dtype | None, objective: Objective | None = None,
+                 clip_grad: float = 0.0):
         self.model, self.balancer, self.optimizer, self.scope = model, balancer, optimizer, scope
         self.num_tasks = model.num_tasks
         # How logits and labels become the T losses (conditional tasks, ESMM); plain BCE by default.
@@ -88,22 +102,44 @@ class Stepper:
         self.share = 1.0  # this rank's fraction of the global batch (set by the loop)
         self.want_diagnostics = False  # set by the loop on sampled steps
         self.diagnostics: dict[str, Tensor] | None = None
+        # Clipping by global norm after balancing (0: off); steps it scaled, counted on the device.
+        self.clip_grad = clip_grad
+        self.clipped = torch.zeros((), dtype=torch.long, device=device)
 
     def step(self, codes: Tensor, numeric: Tensor, labels: Tensor) -> Tensor | None:
-        """One update; returns the ``[T]`` losses, or None when they were not finite (step skipped)."""
+        """One update; returns the ``[T]`` losses, or None when the losses or the gradients it would
+        apply were not finite: then the step is skipped and no parameter, optimizer or balancer
+        state changes (what ``weigh`` / ``combine`` changed is restored)."""
         self.optimizer.zero_grad(set_to_none=True)
+        before = self.balancer.snapshot()
         if isinstance(self.balancer, LossBalancer):
             losses = self._loss_weighting(codes, numeric, labels)
         else:
             losses = self._grad_combination(codes, numeric, labels)
         if losses is None:
+            self.balancer.restore(before)
+            self.diagnostics = None
             return None
+        if self.clip_grad:
+            self._clip()
         self.optimizer.step()
         if isinstance(self.balancer, LossBalancer) and self.balancer.needs_lookahead:
             with torch.no_grad(), self.autocast:
                 after = self._losses(self.model(codes, numeric), labels)
                 self.balancer.after_step(self.group.global_losses(after, self.share) if self.group else after)
         return losses
+
+    def _clip(self) -> None:
+        """Scale every gradient the optimizer applies by ``min(1, clip_grad / global norm)`` (fp32
+        norm; a sparse gradient counts by its coalesced values), without a host sync."""
+        grads = [p.grad for group in self.optimizer.param_groups for p in group["params"] if p.grad is not None]
+        values = [g.coalesce().values() if g.is_sparse else g for g in grads]
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(v, dtype=torch.float32)
+                                                     for v in values]))
+        scale = (self.clip_grad / (norm + 1e-6)).clamp_max(1.0)
+        for g in grads:
+            g.mul_(scale.to(g.dtype))
+        self.clipped += norm > self.clip_grad
 
     def _losses(self, logits: Tensor, labels: Tensor) -> Tensor:
         return self.objective.losses(logits, labels, self.group, self.share)
@@ -122,7 +158,8 @@ class Stepper:
         total = losses.detach().sum().float()
         if grads:
             # One pass per tensor: a sum is non-finite iff some element is (or it overflows, ~1e38).
-            total = total + torch.stack([g.sum(dtype=torch.float32) for g in grads]).sum()
+            total = total + torch.stack([(g._values() if g.is_sparse else g).sum(dtype=torch.float32)
+                                         for g in grads]).sum()
         if self.group:  # every rank must take the same decision
             total = total.reshape(1)
             self.group.sum_([total])
@@ -134,12 +171,11 @@ class Stepper:
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
         if not self.group:
             return [p.grad for p in params if p.grad is not None]
-        for p in params:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-        grads = [p.grad for p in params]
-        self.group.sum_(grads, self.share)
-        return grads
+        for table in embedding_tables(self.model):
+            if table.sparse and table.weight.grad is None:  # sparse on every rank, even with no rows here
+                table.weight.grad = empty_row_grad(table.weight)
+        self.group.sum_grads_(params, self.share)
+        return [p.grad for p in params]
 
     def _loss_weighting(self, codes, numeric, labels):
         with self.autocast:
@@ -147,14 +183,13 @@ class Stepper:
         losses = self._losses(logits, labels)
         if self.group:
             losses = self.group.global_losses(losses, self.share)
-        if not self._finite(losses):
-            return None
         if self.want_diagnostics and self.shared_params:
             # Sampled steps only: what the tasks' gradients look like under this loss weighting.
             self._diagnose(self.grads(losses, self.shared_params, retain_graph=True))
         self.balancer.weigh(losses).backward()
+        # One check covers the losses and every gradient the optimizer would apply.
         if not self._finite(losses, self._param_grads()):
-            return None  # finite losses, non-finite gradients: nothing was updated yet
+            return None
         return losses.detach()
 
     def _grad_combination(self, codes, numeric, labels):
@@ -179,6 +214,10 @@ class Stepper:
             combined = balancer.combine([g.float() for g in rep_grads], detached)
             self._diagnose(rep_grads)
             torch.autograd.backward(list(z), [c.to(t.dtype) for c, t in zip(combined, z)])
+            # The shared part's gradients come from this backward of the balancer's output: what
+            # the optimizer would apply there is checked, not only the balancer's inputs.
+            if not self._finite(detached, [p.grad for p in model.parameters() if p.grad is not None]):
+                return None
         else:
             shared = self.shared_params
             grads = self.grads(losses, shared + self.task_params + leaves)
@@ -197,12 +236,20 @@ class Stepper:
                 row_grads = e_grads.new_zeros((T, touched.numel(), table.shape[1]))
                 row_grads.index_add_(1, where, e_grads.flatten(1, 2))
                 combined = balancer.combine([g.float() for g in shared_grads] + [row_grads.float()], detached)
-                table.grad = torch.zeros_like(table).index_add_(0, touched, combined.pop().to(table.dtype))
+                if not self._finite(detached, combined):  # what the balancer returns is what is applied
+                    return None
+                rows_grad = combined.pop().to(table.dtype)
+                # The touched rows go to the optimizer as they are under a sparse embedding
+                # optimizer; the dense table-sized gradient only for --embedding-optimizer adam.
+                table.grad = (row_grad(table, touched, rows_grad) if model.embedding.table.sparse
+                              else torch.zeros_like(table).index_add_(0, touched, rows_grad))
             else:
                 combined = balancer.combine([g.float() for g in shared_grads], detached)
+                if not self._finite(detached, combined):  # what the balancer returns is what is applied
+                    return None
                 e.backward(e_grads.sum(0))
                 if self.group:
-                    self.group.sum_([model.embedding.table.weight.grad], self.share)
+                    self.group.sum_grads_([model.embedding.table.weight], self.share)
             self._diagnose(shared_grads)
             for p, g in zip(shared, combined):
                 p.grad = g.to(p.dtype)

@@ -47,6 +47,22 @@ class Balancer(torch.nn.Module):
         super().__init__()
         self.num_tasks = num_tasks
 
+    def snapshot(self) -> dict[str, Tensor]:
+        """Copies of every buffer, taken before a step so that ``restore`` can undo what ``weigh`` /
+        ``combine`` changed when the engine then skips the step (non-finite gradients)."""
+        return {name: buf.clone() for name, buf in self.named_buffers()}
+
+    def restore(self, snapshot: dict[str, Tensor]) -> None:
+        """Put the buffers back as ``snapshot`` holds them; buffers made since (lazily sized state
+        created by the skipped step) are removed, so the balancer is exactly as before."""
+        for name in [n for n, _ in self.named_buffers()]:
+            owner, _, leaf = name.rpartition(".")
+            module = self.get_submodule(owner)
+            if name in snapshot:
+                module._buffers[leaf] = snapshot[name]
+            else:
+                del module._buffers[leaf]
+
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # A fresh balancer has not sized its lazy buffers yet: take their shapes from the checkpoint.
         _materialise_lazy_buffers(self, state_dict, prefix)

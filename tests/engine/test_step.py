@@ -157,3 +157,113 @@ def test_diagnostics_hold_each_tasks_gradient_norms_and_cosines():
         torch.testing.assert_close(norms[k], flat.norm(dim=1), rtol=1e-4, atol=1e-8)
         expected = torch.nn.functional.cosine_similarity(flat.unsqueeze(1), flat.unsqueeze(0), dim=2)
         torch.testing.assert_close(cos[k], expected, rtol=1e-3, atol=1e-5)
+
+
+def _stepper_with(balancer_name, scope=None):
+    from mtrec import balancers
+
+    torch.manual_seed(0)
+    model = build("mmoe", VOCAB, 2, [0.3, 0.1, 0.05], ModelConfig(expert_sizes=[16, 8], tower_sizes=[8]))
+    balancer = balancers.build(balancer_name, num_tasks=3)
+    groups = [{"params": list(model.parameters())}]
+    if any(p.requires_grad for p in balancer.parameters()):
+        groups.append({"params": [p for p in balancer.parameters() if p.requires_grad]})
+    opt = torch.optim.Adam(groups, lr=1e-2)
+    scope = scope or (balancer.default_scope if balancer.kind == "grad" else "shared")
+    return model, balancer, opt, Stepper(model, balancer, opt, scope, torch.device("cpu"), None)
+
+
+def _frozen(model, balancer, opt):
+    """Everything a skipped step must leave as it was: parameters, optimizer and balancer state."""
+    return ([p.detach().clone() for p in model.parameters()],
+            {k: v.clone() for k, v in balancer.state_dict().items()},
+            {id(p): {k: v.clone() for k, v in s.items()} for p, s in opt.state.items()})
+
+
+def _assert_unchanged(frozen, model, balancer, opt):
+    params, state, opt_state = frozen
+    assert all(torch.equal(a, b) for a, b in zip(params, model.parameters()))
+    now = balancer.state_dict()
+    assert sorted(now) == sorted(state)
+    assert all(torch.equal(state[k], v) for k, v in now.items())
+    assert {id(p): sorted(s) for p, s in opt.state.items()} == {k: sorted(v) for k, v in opt_state.items()}
+    assert all(torch.equal(opt_state[id(p)][k], v) for p, s in opt.state.items() for k, v in s.items())
+
+
+def _names():
+    from mtrec import balancers
+
+    return balancers.names()
+
+
+@pytest.mark.parametrize("balancer_name", _names())
+def test_a_skipped_step_changes_no_state_for_every_balancer(balancer_name):
+    """A non-finite gradient of a shared parameter (found before the balancer in scope shared,
+    after it in scope representation, after weigh for loss weighting) leaves parameters, the
+    optimizer and the balancer exactly as they were; the next good step goes through."""
+    model, balancer, opt, stepper = _stepper_with(balancer_name)
+    codes, numeric, labels = data()
+    for seed in (1, 2):
+        assert stepper.step(*data(seed=seed)) is not None  # the balancer has state by now
+    frozen = _frozen(model, balancer, opt)
+    hook = model.experts.weights[0].register_hook(lambda g: torch.full_like(g, float("inf")))
+    assert stepper.step(codes, numeric, labels) is None
+    hook.remove()
+    _assert_unchanged(frozen, model, balancer, opt)
+    assert stepper.step(codes, numeric, labels) is not None
+
+
+@pytest.mark.parametrize("scope", ["shared", "all", "representation"])
+def test_a_balancer_output_that_is_not_finite_skips_the_step(scope):
+    """The balancer's inputs are finite but what it returns is not (a solver that blew up): the
+    step is skipped, nothing reaches Adam, and what combine changed in its state is undone."""
+    model, balancer, opt, stepper = _stepper_with("metabalance", scope)
+    assert stepper.step(*data(seed=2)) is not None
+    frozen = _frozen(model, balancer, opt)
+    original = balancer.combine
+    balancer.combine = lambda grads, losses=None: [g * float("nan") for g in original(grads, losses)]
+    assert stepper.step(*data()) is None
+    _assert_unchanged(frozen, model, balancer, opt)
+    balancer.combine = original
+    assert stepper.step(*data()) is not None
+
+
+def test_clip_grad_scales_the_balanced_gradients_to_the_norm_and_counts_the_steps():
+    model, balancer, stepper = setup("mmoe", "all")
+    codes, numeric, labels = data()
+    expected = reference_grads(model, codes, numeric, labels)
+    norm = torch.linalg.vector_norm(torch.stack([g.norm() for g in expected.values()])).item()
+    stepper.clip_grad = norm / 4
+    stepper.step(codes, numeric, labels)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, expected[name] / 4, rtol=1e-4, atol=1e-8)
+    assert stepper.clipped.item() == 1
+    stepper.clip_grad = norm * 2  # above the norm: gradients untouched, not counted
+    stepper.step(codes, numeric, labels)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, expected[name], rtol=1e-5, atol=1e-7)
+    assert stepper.clipped.item() == 1
+
+
+def test_batched_call_falls_back_only_when_vmap_cannot_batch(monkeypatch, capsys):
+    model, _, _ = setup("mmoe", "shared")
+    codes, numeric, labels = data()
+    params = model.shared_parameters()
+    real = torch.autograd.grad
+
+    def failing(message):
+        def grad(*args, **kwargs):
+            if kwargs.get("is_grads_batched"):
+                raise RuntimeError(message)
+            return real(*args, **kwargs)
+        return grad
+
+    monkeypatch.setattr(torch.autograd, "grad", failing("Batching rule not implemented for aten::foo"))
+    grads = PerTaskGrads(3)
+    expected = PerTaskGrads(3, batched=False)(task_losses(model(codes, numeric), labels), params)
+    got = grads(task_losses(model(codes, numeric), labels), params)
+    assert grads.batched is False and all(torch.equal(a, b) for a, b in zip(got, expected))
+    assert "using a loop of 3 backward passes" in capsys.readouterr().err
+    monkeypatch.setattr(torch.autograd, "grad", failing("CUDA out of memory. Tried to allocate 2.00 GiB"))
+    with pytest.raises(RuntimeError, match="out of memory"):
+        PerTaskGrads(3)(task_losses(model(codes, numeric), labels), params)

@@ -6,7 +6,10 @@ row always encodes to the same output. It builds one lazy plan: a left join (ord
 each vocabulary frame, and expressions for hashed, bucketized and numeric features. Joins, not
 ``replace_strict``: with Polars 2.1 the streaming engine runs joins in bounded memory, while
 ``replace_strict`` materialises whole columns (measured: 150 MB vs 670 MB peak for one string
-feature over 10M rows).
+feature over 10M rows). Sequence (list) features are the exception: ``list.eval`` with
+``replace_strict`` maps the elements of each streamed batch (a join would need an explode and a
+re-aggregation per row; measured below in docs/data.md), and the codes become a fixed-size
+``Array(Int32, max_len)``.
 """
 
 from __future__ import annotations
@@ -35,7 +38,15 @@ def vocab_path(vocab_dir: str | Path, feature: str) -> Path:
 
 
 def uses_vocab(feature: Feature) -> bool:
+    """Whether the feature has its own vocabulary file (a shared sequence uses its column's)."""
+    if feature.kind == "sequence":
+        return not feature.hash_buckets and not feature.share_with
     return feature.kind == "categorical" and not feature.hash_buckets and not feature.bucketize
+
+
+def element_dtype(dtype: str) -> str:
+    """The element dtype of a list dtype string (``"List(Int64)"`` -> ``"Int64"``)."""
+    return dtype[len("List("):-1] if dtype.startswith("List(") else dtype
 
 
 def numeric_base(name: str, log1p: bool) -> pl.Expr:
@@ -49,14 +60,13 @@ def _integer_like(dtype: str) -> bool:
     return dtype.startswith(("Int", "UInt", "Boolean"))
 
 
-def _hash_key(feature: Feature) -> pl.Expr:
+def _hash_key(value: pl.Expr, dtype: str) -> pl.Expr:
     """The raw value in the dtype family it had at fit time, so int32 vs int64 inputs hash alike."""
-    col = pl.col(feature.name)
-    if _integer_like(feature.dtype):
-        return col.cast(pl.Int64, strict=False)
-    if feature.dtype.startswith("Float"):
-        return col.cast(pl.Float64, strict=False)
-    return col.cast(pl.String, strict=False)
+    if _integer_like(dtype):
+        return value.cast(pl.Int64, strict=False)
+    if dtype.startswith("Float"):
+        return value.cast(pl.Float64, strict=False)
+    return value.cast(pl.String, strict=False)
 
 
 def _numeric_expr(feature: Feature) -> pl.Expr:
@@ -71,8 +81,13 @@ def _transform_scalar(value: float, log1p: bool) -> float:
 
 def _hashed_expr(feature: Feature) -> pl.Expr:
     raw = pl.col(feature.name)
-    hashed = stable_hash_expr(_hash_key(feature)) % feature.hash_buckets + 2
-    return pl.when(raw.is_null()).then(PAD).otherwise(hashed.fill_null(OOV)).cast(pl.Int32).alias(feature.name)
+    return _hashed_code(raw, feature).alias(feature.name)
+
+
+def _hashed_code(raw: pl.Expr, feature: Feature) -> pl.Expr:
+    """``2 + hash % buckets``; null -> PAD, a value that does not cast to the fit-time family -> OOV."""
+    hashed = stable_hash_expr(_hash_key(raw, element_dtype(feature.dtype))) % feature.hash_buckets + 2
+    return pl.when(raw.is_null()).then(PAD).otherwise(hashed.fill_null(OOV)).cast(pl.Int32)
 
 
 def _bucket_expr(feature: Feature) -> pl.Expr:
@@ -107,6 +122,11 @@ def _check_columns(schema_in: pl.Schema, schema: Schema, labels: list[str], fram
         if not (dtype.is_numeric() or dtype == pl.Boolean):
             raise UserError(f"column {feature.name!r} is {dtype} in the raw log but numeric at preprocess "
                             f"(was {feature.dtype}): pass logs with the same column types")
+    for feature in schema.features:
+        is_list = isinstance(schema_in[feature.name], (pl.List, pl.Array))
+        if is_list != (feature.kind == "sequence"):
+            raise UserError(f"column {feature.name!r} is {schema_in[feature.name]} in the raw log but was "
+                            f"{feature.dtype} at preprocess: pass logs with the same column types")
 
 
 def encode(frame: pl.LazyFrame | pl.DataFrame, schema: Schema, vocab_dir: str | Path, *,
@@ -115,8 +135,9 @@ def encode(frame: pl.LazyFrame | pl.DataFrame, schema: Schema, vocab_dir: str | 
     """Encode raw rows with a schema and its vocabularies.
 
     Output columns: every feature of ``schema.features`` in order (int32 codes: 0 null, 1 OOV;
-    float32 standardised numerics), every label (uint8), and ``_user`` (int64) when the schema names
-    a user column. A LazyFrame in gives a LazyFrame out; a DataFrame in, a DataFrame out.
+    float32 standardised numerics; ``Array(Int32, max_len)`` for sequences), every label (uint8;
+    ``labels=[]`` for unlabelled logs), and ``_user`` (int64) when the schema names a user column.
+    A LazyFrame in gives a LazyFrame out; a DataFrame in, a DataFrame out.
     ``check`` validates label values first (one extra pass); preprocess has done that already.
     ``keep`` names raw columns to pass through unchanged after those.
     """
@@ -127,13 +148,15 @@ def encode(frame: pl.LazyFrame | pl.DataFrame, schema: Schema, vocab_dir: str | 
     _check_columns(schema_in, schema, labels, plan)
     plan = normalise_dtypes(plan, schema_in)
     schema_in = plan.collect_schema()
-    if check:
+    if check and labels:
         check_labels(plan, labels)
 
     outputs: list[pl.Expr] = []
     for index, feature in enumerate(schema.features):
         if feature.kind == "numeric":
             outputs.append(_numeric_expr(feature))
+        elif feature.kind == "sequence":
+            outputs.append(_sequence_expr(feature, schema, vocab_dir, schema_in[feature.name]))
         elif feature.hash_buckets:
             outputs.append(_hashed_expr(feature))
         elif feature.bucketize:
@@ -149,6 +172,31 @@ def encode(frame: pl.LazyFrame | pl.DataFrame, schema: Schema, vocab_dir: str | 
         outputs.append(user_group_expr(schema.user, schema_in[schema.user]))
     encoded = plan.select(*outputs, *keep)
     return encoded if lazy else encoded.collect(engine="streaming")
+
+
+def _sequence_expr(feature: Feature, schema: Schema, vocab_dir, raw_dtype: pl.DataType) -> pl.Expr:
+    """The last ``max_len`` elements as codes, left-aligned, padded with PAD: ``Array(Int32, max_len)``.
+
+    Elements take the codes of the feature's own vocabulary or hash buckets, or those of the
+    ``share_with`` column (the same raw id, the same code). Null and empty lists: all PAD.
+    """
+    source = schema.feature(feature.share_with) if feature.share_with else feature
+    element = pl.element()
+    if source.hash_buckets:
+        code = _hashed_code(element, source)
+    else:
+        path = vocab_path(vocab_dir, source.name)
+        if not path.is_file():
+            raise UserError(f"vocabulary {path} is missing: the data directory is incomplete, re-run mtrec preprocess")
+        vocab = pl.read_parquet(path, columns=["value", "code"])
+        key = element if raw_dtype.inner == vocab["value"].dtype else element.cast(vocab["value"].dtype, strict=False)
+        found = key.replace_strict(vocab["value"], vocab["code"], default=OOV, return_dtype=pl.Int32)
+        code = pl.when(element.is_null()).then(PAD).otherwise(found.fill_null(OOV)).cast(pl.Int32)
+    width = feature.max_len
+    empty = pl.lit(pl.Series([[]], dtype=pl.List(pl.Int32)))
+    padding = pl.lit(pl.Series([[PAD] * width], dtype=pl.List(pl.Int32)))
+    codes = pl.col(feature.name).list.tail(width).list.eval(code).fill_null(empty)
+    return codes.list.concat(padding).list.head(width).list.to_array(width).alias(feature.name)
 
 
 def _join_vocab(plan: pl.LazyFrame, feature: Feature, index: int, raw_dtype: pl.DataType,

@@ -18,7 +18,11 @@ _ID_LIKE_MIN_ROWS = 1000
 
 
 def _vocab_query(train: pl.LazyFrame, feature: Feature) -> pl.LazyFrame:
-    return (train.select(pl.col(feature.name).alias("value"))
+    """Train counts of the values; of a sequence, every element occurrence in the kept window."""
+    value = pl.col(feature.name)
+    if feature.kind == "sequence":
+        value = value.list.tail(feature.max_len).explode()
+    return (train.select(value.alias("value"))
             .filter(pl.col("value").is_not_null())
             .group_by("value").agg(pl.len().cast(pl.Int64).alias("count")))
 
@@ -68,7 +72,8 @@ def fit(train: pl.LazyFrame, features: list[Feature], protected: set[str],
             empty.append(f.name)
         elif distinct == 1:
             single.append(f.name)
-        elif f.name not in protected and rows >= _ID_LIKE_MIN_ROWS and distinct > rows / 2:
+        elif (f.kind == "categorical" and f.name not in protected and rows >= _ID_LIKE_MIN_ROWS
+              and distinct > rows / 2):
             warnings.append(f"feature {f.name!r} has {distinct:,} distinct values in {rows:,} train rows: "
                             f"it looks like a row id; exclude it (--exclude {f.name}) unless it is one")
     for f in numeric:
@@ -95,4 +100,8 @@ def fit(train: pl.LazyFrame, features: list[Feature], protected: set[str],
     for f in features:
         if f.hash_buckets:
             f.vocab_size = RESERVED + f.hash_buckets
+    by_name = {f.name: f for f in features}
+    for f in features:
+        if f.share_with:
+            f.vocab_size = by_name[f.share_with].vocab_size  # the shared column's codes
     return vocabs, rows

@@ -19,16 +19,17 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from mtrec.data.encode import OOV, encode, vocab_path
+from mtrec.data.encode import OOV, PAD, encode, vocab_path
 from mtrec.data.fit import fit
 from mtrec.data.labels import check_labels
 from mtrec.data.schema import Feature, Schema
 from mtrec.data.sources import column_list, resolve_inputs, scan_files
-from mtrec.data.spec import ColumnSpec, load_spec
+from mtrec.data.spec import DEFAULT_MAX_LEN, DEFAULT_POOLING, ColumnSpec, load_spec
 from mtrec.errors import UserError
 
 SPLITS = ("train", "valid", "test")
 SPLIT_METHODS = ("time", "random")
+DEFAULT_RATIOS = (0.8, 0.1, 0.1)
 _SPLIT_COL = "__mtrec_split"
 
 
@@ -47,8 +48,8 @@ class PreprocessSummary:
     """What a preprocess run produced, for the CLI to print.
 
     ``rows``: {split: rows}; ``positive_rate``: {split: {task: rate}}; ``vocab_sizes`` and
-    ``oov_rate_valid``: {categorical feature: value}; ``features``: one ``FeatureRow`` per feature
-    (name, kind, source dtype, transforms); ``warnings``: one line each.
+    ``oov_rate_valid``: {categorical or sequence feature: value}; ``features``: one ``FeatureRow``
+    per feature (name, kind, source dtype, transforms); ``warnings``: one line each.
     """
 
     out: str
@@ -105,7 +106,14 @@ def _check_ratios(ratios) -> tuple[float, float, float]:
     return values
 
 
-def _check_split(split: str | None, time: str | None) -> str:
+def _check_split(split: str | None, time: str | None, split_column: str | None, ratios_given: bool) -> str:
+    if split_column:
+        if split:
+            raise UserError(f"--split-column {split_column} already says which rows are train, valid and test: "
+                            f"drop --split {split}")
+        if ratios_given:
+            raise UserError(f"--split-column {split_column} already fixes the split sizes: drop --ratios")
+        return "column"
     method = split or ("time" if time else "random")
     if method not in SPLIT_METHODS:
         raise UserError(f"--split must be time or random, not {method!r}")
@@ -127,11 +135,19 @@ def _check_out(out: Path, force: bool, files: list[Path]) -> None:
 
 # --- features -------------------------------------------------------------------------------------
 
+def _is_sequence_dtype(dtype: pl.DataType) -> bool:
+    """``list<string | integer | bool>`` (fixed-size lists were read as lists by ``scan_files``)."""
+    return isinstance(dtype, pl.List) and (dtype.inner == pl.String or dtype.inner.is_integer()
+                                           or dtype.inner == pl.Boolean)
+
+
 def _inferred_kind(dtype: pl.DataType, is_id: bool) -> str | None:
     if dtype == pl.String or dtype.is_integer() or dtype == pl.Boolean:
         return "categorical"
     if dtype.is_float():
         return "categorical" if is_id else "numeric"
+    if _is_sequence_dtype(dtype):
+        return "sequence"
     return None
 
 
@@ -144,12 +160,13 @@ def _need(columns: pl.Schema, names, what: str, frame: pl.LazyFrame) -> None:
 
 def resolve_features(frame: pl.LazyFrame, labels: list[str], *, user: str | None, item: str | None,
                      time: str | None, spec: dict[str, ColumnSpec], features: list[str] | None,
-                     exclude: list[str], min_count: int, warnings: list[str]) -> list[Feature]:
+                     exclude: list[str], min_count: int, warnings: list[str],
+                     split_column: str | None = None) -> list[Feature]:
     """Which columns become features, of which kind, with which options. Order: user, item, then
     the input column order."""
     columns = frame.collect_schema()
     _need(columns, labels, "label column(s)", frame)
-    for role, name in (("--user", user), ("--item", item), ("--time", time)):
+    for role, name in (("--user", user), ("--item", item), ("--time", time), ("--split-column", split_column)):
         if name:
             _need(columns, [name], f"{role} column", frame)
             if name in labels:
@@ -165,13 +182,17 @@ def resolve_features(frame: pl.LazyFrame, labels: list[str], *, user: str | None
                             "from --labels")
     if time and not (columns[time].is_numeric() or columns[time].is_temporal()):
         raise UserError(f"--time column {time!r} is {columns[time]}: it must hold numbers (epoch) or datetimes")
+    if split_column and (split_column in (user, item) or split_column in spec or split_column in (features or [])):
+        raise UserError(f"column {split_column!r} is the --split-column, so it cannot be a feature: remove it from "
+                        "the features, the spec, --user or --item")
 
     ids = [c for c in (user, item) if c]
     if features is not None:
         candidates = ids + list(features)
     else:
         declared_time = time in spec and spec[time].kind in ("categorical", "numeric")
-        candidates = ids + [c for c in columns if c not in labels and (c != time or declared_time)]
+        candidates = ids + [c for c in columns
+                            if c not in labels and (c != time or declared_time) and c != split_column]
     dropped = set(exclude) | {name for name, s in spec.items() if s.kind == "drop"}
     explicit = set(features or []) | {name for name, s in spec.items() if s.kind != "drop"}
 
@@ -192,15 +213,42 @@ def resolve_features(frame: pl.LazyFrame, labels: list[str], *, user: str | None
             raise UserError(f"column {name!r} is {dtype} and cannot be numeric: declare it categorical in the spec")
         if kind == "categorical" and not (dtype.is_numeric() or dtype in (pl.String, pl.Boolean)):
             raise UserError(f"column {name!r} has dtype {dtype}, which cannot be a categorical feature: exclude it")
+        if kind == "sequence" and not _is_sequence_dtype(dtype):
+            raise UserError(f"column {name!r} has dtype {dtype}, but a sequence feature needs a list of strings or "
+                            "integers: declare another kind or exclude it")
         column_spec.check_kind(kind, "feature spec")
         resolved.append(_feature(name, kind, str(dtype), column_spec, min_count))
     if not resolved:
         raise UserError("no feature column is left after excluding labels, --time and --exclude: "
                         "the model needs at least one feature")
+    _check_shared(resolved, columns)
     return resolved
 
 
+def _check_shared(resolved: list[Feature], columns: pl.Schema) -> None:
+    """A sequence's ``share_with`` must name a categorical feature with a vocabulary or hash buckets."""
+    by_name = {f.name: f for f in resolved}
+    for feature in resolved:
+        if not feature.share_with:
+            continue
+        where = f"feature spec: [features.{feature.name}] share_with = {feature.share_with!r}"
+        target = by_name.get(feature.share_with)
+        if target is None:
+            state = ("not a feature (dropped, excluded or a label)" if feature.share_with in columns
+                     else "not in the data")
+            raise UserError(f"{where}: that column is {state}: name a categorical feature column such as the item id")
+        if target.kind != "categorical" or target.bucketize:
+            what = "bucketized" if target.bucketize else target.kind
+            raise UserError(f"{where}: that feature is {what}, but only a categorical feature with a vocabulary or "
+                            "hash buckets can share its codes: name a categorical id column")
+
+
 def _feature(name: str, kind: str, dtype: str, spec: ColumnSpec, min_count: int) -> Feature:
+    if kind == "sequence":
+        own_vocab = spec.share_with is None and spec.hash_buckets is None
+        return Feature(name, "sequence", dtype, min_count=(spec.min_count or min_count) if own_vocab else None,
+                       hash_buckets=spec.hash_buckets, max_len=spec.max_len or DEFAULT_MAX_LEN,
+                       pooling=spec.pooling or DEFAULT_POOLING, share_with=spec.share_with)
     if spec.bucketize:
         return Feature(name, "categorical", dtype, bucketize=spec.bucketize)
     if kind == "numeric":
@@ -240,22 +288,48 @@ def assign_splits(frame: pl.LazyFrame, rows: int, method: str, ratios, seed: int
     return pl.Series(_SPLIT_COL, assignment, dtype=pl.UInt8)
 
 
+def column_splits(frame: pl.LazyFrame, column: str) -> tuple[pl.Expr, tuple[int, int, int]]:
+    """The split given by a column of ``train`` / ``valid`` / ``test`` strings: (uint8 split
+    expression, rows per split). One pass over the column; any other value, a null, or a missing
+    part is a UserError."""
+    dtype = frame.collect_schema()[column]
+    if dtype != pl.String:
+        raise UserError(f"--split-column {column!r} is {dtype}: it must hold the strings train, valid and test")
+    counts = dict(frame.group_by(pl.col(column)).len().collect(engine="streaming").iter_rows())
+    nulls = counts.pop(None, 0)
+    if nulls:
+        raise UserError(f"--split-column {column!r} is null in {nulls:,} rows: give every row train, valid or test")
+    bad = sorted(set(counts) - set(SPLITS))
+    if bad:
+        shown = ", ".join(repr(v) for v in bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+        raise UserError(f"--split-column {column!r} holds {shown}: its values must be exactly train, valid or test")
+    missing = [name for name in SPLITS if not counts.get(name)]
+    if missing:
+        raise UserError(f"--split-column {column!r} has no {' or '.join(missing)} rows: every split needs rows "
+                        "(add them, or use --split time / random)")
+    code = pl.col(column)
+    expr = pl.when(code == "train").then(0).when(code == "valid").then(1).otherwise(2).cast(pl.UInt8)
+    return expr.alias(_SPLIT_COL), tuple(counts[name] for name in SPLITS)
+
+
 # --- the run --------------------------------------------------------------------------------------
 
 def preprocess(inputs: list[str], labels: list[str], out: str, *, user: str | None = None,
                item: str | None = None, time: str | None = None, spec: str | None = None,
-               split: str | None = None, ratios=(0.8, 0.1, 0.1), seed: int = 0, min_count: int = 1,
+               split: str | None = None, ratios=None, seed: int = 0, min_count: int = 1,
                force: bool = False, features: list[str] | None = None,
-               exclude: list[str] | None = None) -> PreprocessSummary:
+               exclude: list[str] | None = None, split_column: str | None = None) -> PreprocessSummary:
     """Encode raw logs into ``out`` (see docs/data-format.md); returns what the CLI prints.
 
-    ``split`` defaults to ``"time"`` when ``time`` is given, else ``"random"``.
+    ``split`` defaults to ``"time"`` when ``time`` is given, else ``"random"``; ``ratios`` to
+    8:1:1. ``split_column`` names a column of train / valid / test strings that gives the split
+    instead (it cannot be combined with ``split`` or ``ratios``).
     """
     started = clock.perf_counter()
     warnings: list[str] = []
     labels = _check_labels_arg(list(labels))
-    ratios = _check_ratios(ratios)
-    method = _check_split(split, time)
+    method = _check_split(split, time, split_column, ratios is not None)
+    ratios = _check_ratios(DEFAULT_RATIOS if ratios is None else ratios)
     if min_count < 1:
         raise UserError(f"--min-count must be at least 1, got {min_count}")
     out_path = Path(out)
@@ -265,24 +339,30 @@ def preprocess(inputs: list[str], labels: list[str], out: str, *, user: str | No
     frame = scan_files(files)
     feature_list = resolve_features(frame, labels, user=user, item=item, time=time, spec=column_specs,
                                     features=features, exclude=list(exclude or []), min_count=min_count,
-                                    warnings=warnings)
+                                    warnings=warnings, split_column=split_column)
     try:
         rows = check_labels(frame, labels, warnings)
         if rows == 0:
             raise UserError(f"the input has no rows ({len(files)} file(s)): pass logs with data")
-        sizes = split_sizes(rows, ratios)
-        for name, size, ratio in zip(SPLITS, sizes, ratios):
-            if size == 0:
-                raise UserError(f"the {name} split would be empty ({rows:,} rows x {ratio:g}): use more rows "
-                                "or a larger ratio for it")
-        frame = frame.with_columns(assign_splits(frame, rows, method, ratios, seed, time))
+        if method == "column":
+            assignment, sizes = column_splits(frame, split_column)
+            frame = frame.with_columns(assignment)
+            split_info = {"method": "column", "column": split_column}
+        else:
+            sizes = split_sizes(rows, ratios)
+            for name, size, ratio in zip(SPLITS, sizes, ratios):
+                if size == 0:
+                    raise UserError(f"the {name} split would be empty ({rows:,} rows x {ratio:g}): use more rows "
+                                    "or a larger ratio for it")
+            frame = frame.with_columns(assign_splits(frame, rows, method, ratios, seed, time))
+            split_info = {"method": method, "ratios": list(ratios), "seed": seed}
         train = frame.filter(pl.col(_SPLIT_COL) == 0)
         vocabs, _ = fit(train, feature_list, {c for c in (user, item) if c}, warnings)
     except (pl.exceptions.ComputeError, OSError) as err:
         raise _read_error(err) from err
 
     schema = Schema(features=feature_list, labels=labels, user=user, item=item, time=time,
-                    split={"method": method, "ratios": list(ratios), "seed": seed},
+                    split=split_info,
                     rows=dict(zip(SPLITS, sizes)))
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_path.parent / f".{out_path.name}.tmp-{uuid.uuid4().hex[:8]}"
@@ -302,7 +382,7 @@ def preprocess(inputs: list[str], labels: list[str], out: str, *, user: str | No
             raise _read_error(err) from err
         positive_rate, oov = _measure(tmp, schema)
         schema.positive_rate = dict(positive_rate["train"])
-        for feature in schema.categorical_features:
+        for feature in _coded_features(schema):
             feature.oov_rate_valid = oov[feature.name]
         _label_warnings(positive_rate, warnings)
         schema.save(tmp)
@@ -311,8 +391,8 @@ def preprocess(inputs: list[str], labels: list[str], out: str, *, user: str | No
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return PreprocessSummary(out=str(out_path), schema=schema, files=[str(f) for f in files],
-                             rows=dict(schema.rows), positive_rate=positive_rate, vocab_sizes=schema.vocab_sizes,
-                             oov_rate_valid=oov, warnings=warnings, seconds=clock.perf_counter() - started)
+                             rows=dict(schema.rows), positive_rate=positive_rate,
+                             vocab_sizes={f.name: f.vocab_size for f in _coded_features(schema)}, oov_rate_valid=oov, warnings=warnings, seconds=clock.perf_counter() - started)
 
 
 def _read_error(err: Exception) -> UserError:
@@ -325,13 +405,24 @@ def _measure(directory: Path, schema: Schema) -> tuple[dict[str, dict[str, float
     """Positive rate per split and task, and the OOV share of each categorical feature on valid."""
     queries = [pl.scan_parquet(directory / f"{name}.parquet")
                .select([pl.col(t).cast(pl.Float64).mean().alias(t) for t in schema.labels]) for name in SPLITS]
-    queries.append(pl.scan_parquet(directory / "valid.parquet")
-                   .select([(pl.col(f.name) == OOV).mean().alias(f.name) for f in schema.categorical_features]
-                           or [pl.len()]))
+    coded = _coded_features(schema)
+    queries.append(pl.scan_parquet(directory / "valid.parquet").select([_oov_share(f) for f in coded] or [pl.len()]))
     results = pl.collect_all(queries, engine="streaming")
     positive_rate = {name: {t: float(r[t][0] or 0.0) for t in schema.labels} for name, r in zip(SPLITS, results)}
-    oov = {f.name: float(results[-1][f.name][0] or 0.0) for f in schema.categorical_features}
+    oov = {f.name: float(results[-1][f.name][0] or 0.0) for f in coded}
     return positive_rate, oov
+
+
+def _coded_features(schema: Schema) -> list[Feature]:
+    return [f for f in schema.features if f.kind in ("categorical", "sequence")]
+
+
+def _oov_share(feature: Feature) -> pl.Expr:
+    """Share of valid rows encoded as OOV; of a sequence, share of its non-padding elements."""
+    if feature.kind != "sequence":
+        return (pl.col(feature.name) == OOV).mean().alias(feature.name)
+    elements = pl.col(feature.name).arr.explode()
+    return ((elements == OOV).sum() / (elements != PAD).sum()).alias(feature.name)
 
 
 def _label_warnings(positive_rate: dict[str, dict[str, float]], warnings: list[str]) -> None:

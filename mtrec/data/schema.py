@@ -15,16 +15,18 @@ from mtrec.errors import UserError
 
 FORMAT = "mtrec-encoded"
 VERSION = 1
-KINDS = ("categorical", "numeric")
+KINDS = ("categorical", "numeric", "sequence")
 
 
 @dataclass
 class Feature:
     """One model input column. Categorical features carry a vocabulary (or hash buckets, or quantile
-    buckets); numeric features carry the statistics that standardise them."""
+    buckets); numeric features carry the statistics that standardise them; sequence features (list
+    columns) encode their last ``max_len`` elements with their own vocabulary, hash buckets, or the
+    vocabulary of the categorical column named by ``share_with``."""
 
     name: str
-    kind: str  # "categorical" | "numeric"
+    kind: str  # "categorical" | "numeric" | "sequence"
     dtype: str = ""  # Polars dtype of the raw column, e.g. "Int64", "String"
     # categorical
     vocab_size: int | None = None  # codes lie in [0, vocab_size); counts the two reserved codes
@@ -38,6 +40,10 @@ class Feature:
     fill: float | None = None  # raw-unit fill for nulls; None: the train mean
     mean: float | None = None
     std: float | None = None
+    # sequence (also uses vocab_size, min_count, hash_buckets, oov_rate_valid)
+    max_len: int | None = None  # encoded as [max_len] int32 codes, the last max_len elements
+    pooling: str | None = None  # "mean" | "sum" | "attention"
+    share_with: str | None = None  # a categorical feature whose vocabulary (and embedding rows) it uses
 
     @property
     def transforms(self) -> str:
@@ -47,6 +53,11 @@ class Feature:
             steps.append("fill " + ("train mean" if self.fill is None else f"{self.fill:g}"))
             steps.append("standardise")
             return ", ".join(steps)
+        if self.kind == "sequence":
+            source = (f"codes of {self.share_with}" if self.share_with
+                      else f"hash into {self.hash_buckets:,} buckets" if self.hash_buckets
+                      else "vocabulary" + (f", min count {self.min_count}" if (self.min_count or 1) > 1 else ""))
+            return f"last {self.max_len}, {source}, {self.pooling} pooling"
         if self.hash_buckets:
             return f"hash into {self.hash_buckets:,} buckets"
         if self.bucketize:
@@ -56,6 +67,9 @@ class Feature:
     def to_dict(self) -> dict:
         if self.kind == "numeric":
             keys = ("name", "kind", "dtype", "log1p", "fill", "mean", "std")
+        elif self.kind == "sequence":
+            keys = ("name", "kind", "dtype", "vocab_size", "min_count", "hash_buckets", "oov_rate_valid", "max_len",
+                    "pooling", "share_with")
         else:
             keys = ("name", "kind", "dtype", "vocab_size", "min_count", "hash_buckets", "oov_rate_valid")
             if self.bucketize:
@@ -88,11 +102,16 @@ class Schema:
         return [f for f in self.features if f.kind == "categorical"]
 
     @property
+    def sequence_features(self) -> list[Feature]:
+        return [f for f in self.features if f.kind == "sequence"]
+
+    @property
     def numeric_features(self) -> list[Feature]:
         return [f for f in self.features if f.kind == "numeric"]
 
     @property
     def vocab_sizes(self) -> dict[str, int]:
+        """{flat categorical feature: vocab size} (sequences are in ``sequence_features``)."""
         return {f.name: f.vocab_size for f in self.categorical_features}
 
     def feature(self, name: str) -> Feature:

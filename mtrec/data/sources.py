@@ -67,14 +67,26 @@ def resolve_inputs(inputs: str | Path | list[str | Path]) -> list[Path]:
 
 
 def normalise_dtypes(frame: pl.LazyFrame, schema: pl.Schema) -> pl.LazyFrame:
-    """Dictionary strings read as plain strings, decimals as floats: one dtype per kind of value."""
+    """Dictionary strings read as plain strings, decimals as floats, fixed-size lists as lists (of
+    plain strings): one dtype per kind of value."""
     casts = []
     for name, dtype in schema.items():
-        if isinstance(dtype, (pl.Categorical, pl.Enum)):
-            casts.append(pl.col(name).cast(pl.String))
-        elif isinstance(dtype, pl.Decimal):
-            casts.append(pl.col(name).cast(pl.Float64))
+        plain = _plain_dtype(dtype)
+        if plain != dtype:
+            casts.append(pl.col(name).cast(plain))
     return frame.with_columns(casts) if casts else frame
+
+
+def _plain_dtype(dtype: pl.DataType) -> pl.DataType:
+    if isinstance(dtype, (pl.Categorical, pl.Enum)):
+        return pl.String
+    if isinstance(dtype, pl.Decimal):
+        return pl.Float64
+    if isinstance(dtype, (pl.List, pl.Array)):
+        inner = dtype.inner
+        plain = _plain_dtype(inner)
+        return pl.List(plain) if isinstance(dtype, pl.Array) or plain != inner else dtype
+    return dtype
 
 
 def scan_files(files: list[Path]) -> pl.LazyFrame:

@@ -17,6 +17,12 @@ bucketize = 10           # quantile buckets fitted on train -> a categorical fea
 
 [features.row_id]
 kind = "drop"            # not a feature
+
+[features.hist_items]
+kind = "sequence"        # a list column (inferred for list<string|integer>)
+max_len = 50             # keep the last 50 elements
+pooling = "attention"    # mean | sum | attention (DIN target attention, needs share_with)
+share_with = "item_id"   # the item column's vocabulary and embedding rows
 ```
 
 Full description in docs/data.md. Every mistake (unknown key, wrong type, an option that does not
@@ -31,9 +37,14 @@ from pathlib import Path
 
 from mtrec.errors import UserError
 
-SPEC_KINDS = ("categorical", "numeric", "drop")
+SPEC_KINDS = ("categorical", "numeric", "sequence", "drop")
+POOLINGS = ("mean", "sum", "attention")
+DEFAULT_MAX_LEN, DEFAULT_POOLING = 50, "mean"
 MAX_HASH_BUCKETS = 2**31 - 3  # codes 2 + bucket must fit in int32
-_OPTIONS = {"kind": str, "min_count": int, "hash_buckets": int, "log1p": bool, "fill": float, "bucketize": int}
+_OPTIONS = {"kind": str, "min_count": int, "hash_buckets": int, "log1p": bool, "fill": float, "bucketize": int,
+            "max_len": int, "pooling": str, "share_with": str}
+_SEQUENCE_ONLY = ("max_len", "pooling", "share_with")
+_NUMERIC_ONLY = ("log1p", "fill", "bucketize")
 
 
 @dataclass(frozen=True)
@@ -45,17 +56,40 @@ class ColumnSpec:
     log1p: bool | None = None
     fill: float | None = None
     bucketize: int | None = None
+    max_len: int | None = None
+    pooling: str | None = None
+    share_with: str | None = None
+
+    def _set(self, keys) -> list[str]:
+        return [k for k in keys if getattr(self, k) is not None]
 
     def check_kind(self, kind: str, where: str) -> None:
         """Raise when an option does not apply to the feature's (declared or inferred) kind."""
-        categorical_only = [k for k in ("min_count", "hash_buckets") if getattr(self, k) is not None]
-        numeric_only = [k for k in ("log1p", "fill", "bucketize") if getattr(self, k) is not None]
+        categorical_only = self._set(("min_count", "hash_buckets"))
+        numeric_only, sequence_only = self._set(_NUMERIC_ONLY), self._set(_SEQUENCE_ONLY)
         if kind == "numeric" and categorical_only:
             raise UserError(f"{where}: {categorical_only[0]} applies to categorical features but {self.name!r} is "
                             "numeric: remove it or set kind = \"categorical\"")
-        if kind == "categorical" and numeric_only:
+        if kind in ("categorical", "sequence") and numeric_only:
             raise UserError(f"{where}: {numeric_only[0]} applies to numeric features but {self.name!r} is "
-                            "categorical: remove it or set kind = \"numeric\"")
+                            f"{kind}: remove it or set kind = \"numeric\"")
+        if kind != "sequence" and sequence_only:
+            raise UserError(f"{where}: {sequence_only[0]} applies to sequence (list) features but {self.name!r} is "
+                            f"{kind}: remove it, or set kind = \"sequence\" on a list column")
+        if kind == "sequence":
+            self._check_sequence(where)
+
+    def _check_sequence(self, where: str) -> None:
+        if self.pooling == "attention" and not self.share_with:
+            raise UserError(f"{where}: [features.{self.name}] pooling = \"attention\" attends from the target item: "
+                            "set share_with = \"<item column>\" (or use mean / sum pooling)")
+        if self.share_with and self._set(("min_count", "hash_buckets")):
+            raise UserError(f"{where}: [features.{self.name}] shares the codes of {self.share_with!r}, so its own "
+                            f"{self._set(('min_count', 'hash_buckets'))[0]} means nothing: set it on "
+                            f"[features.{self.share_with}] instead")
+        if self.share_with == self.name:
+            raise UserError(f"{where}: [features.{self.name}] share_with names the column itself: name the "
+                            "categorical id column whose vocabulary it should use")
 
 
 def _value(where: str, name: str, key: str, value):
@@ -75,6 +109,10 @@ def _value(where: str, name: str, key: str, value):
         raise UserError(f"{where}: [features.{name}] bucketize must be at least 2 buckets, got {value}")
     if key == "fill" and value != value:
         raise UserError(f"{where}: [features.{name}] fill must be a finite number")
+    if key == "max_len" and value < 1:
+        raise UserError(f"{where}: [features.{name}] max_len must be at least 1, got {value}")
+    if key == "pooling" and value not in POOLINGS:
+        raise UserError(f"{where}: [features.{name}] pooling must be one of {', '.join(POOLINGS)}, got {value!r}")
     return value
 
 
@@ -104,7 +142,7 @@ def parse_spec(data: dict, where: str = "spec") -> dict[str, ColumnSpec]:
         if spec.bucketize is not None and spec.kind == "categorical":
             raise UserError(f"{where}: [features.{name}] bucketize cuts a numeric column: drop kind = "
                             "\"categorical\" (the buckets become a categorical feature)")
-        if spec.kind in ("categorical", "numeric"):
+        if spec.kind in ("categorical", "numeric", "sequence"):
             spec.check_kind(spec.kind, where)
         specs[name] = spec
     return specs

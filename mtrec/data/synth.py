@@ -20,6 +20,24 @@ user x item taste interaction that only ID / category embeddings can learn: a mo
 it from clicks ranks shares better than one that sees only the rare shares (measured: Shared-Bottom
 test AUC on share 0.80-0.82 alone, 0.87 with click, 200k rows; docs/data.md).
 
+With ``history = N > 0`` each impression also has a latent *session intent*, a category drawn per
+row (the impressed item's category with probability ``INTENT_MATCH``, else a uniformly drawn
+category), and two list columns:
+
+- ``hist_items``: up to N item ids, most recent last, standing in for "the user's last N clicked
+  items": each element is an item of the intent category (popularity-weighted) with a probability
+  rising from 0.5 for the oldest to 0.95 for the newest element, else a popular item of any
+  category. Lengths are uniform in 1..N, 8% empty, 2% null lists.
+- ``tags``: the impressed item's multi-hot tag list (0..5 distinct tags of 40, mostly from its
+  category's five home tags; 1% null lists).
+
+When the intent equals the impressed item's category, the engagement score gets ``INTENT_BONUS``
+(click and share logits +1.6, like +0.8 x 1.6). The intent is independent of the user, the item
+and every other column, so only the history can tell a model which impressions match it. The
+intercepts are re-solved with the bonus, so the rates stay at click ~12%, like ~2.5%, share ~0.7%.
+History draws come from their own generators, so ``history = 0`` gives the log it always gave,
+byte for byte.
+
 Every block of ``BLOCK`` rows is drawn from its own generator seeded by (seed, block index), so a
 log is identical for a (rows, seed) pair however it is chunked when written.
 """
@@ -33,6 +51,7 @@ from pathlib import Path
 
 import numpy as np
 import polars as pl
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 BLOCK = 1 << 16
@@ -51,6 +70,10 @@ DEVICE_EFFECT = np.array([0.1, 0.0, -0.25])
 CLICK_RATE, LIKE_RATE, SHARE_RATE = 0.12, 0.025, 0.007
 CALIBRATION_ROWS = 200_000
 NULL_RATES = {"user_activity": 0.02, "item_price": 0.01, "item_popularity": 0.005, "user_city": 0.005}
+# --history: the session intent and the lists that reveal it
+INTENT_MATCH, INTENT_BONUS = 0.3, 1.6
+HISTORY_EMPTY, HISTORY_NULL, TAGS_NULL = 0.08, 0.02, 0.01
+N_TAGS, HOME_TAGS, MAX_TAGS = 40, 5, 5
 
 
 @dataclass
@@ -80,6 +103,19 @@ class _World:
     click_bias: float = 0.0
     like_bias: float = 0.0
     share_bias: float = 0.0
+    history: "_History | None" = None
+
+
+@dataclass
+class _History:
+    """What ``--history`` adds to a world: items grouped by category, and every item's tags."""
+
+    length: int
+    category_cdf: np.ndarray  # category c's items (in by_category order) cover (c, c + 1]
+    by_category: np.ndarray  # item indices sorted by category
+    categories: np.ndarray  # the categories that have items
+    tag_offsets: np.ndarray  # item k's tags: tag_values[tag_offsets[k]:tag_offsets[k + 1]]
+    tag_values: np.ndarray
 
 
 def _zipf(n: int, exponent: float, offset: float, rng: np.random.Generator) -> np.ndarray:
@@ -97,7 +133,7 @@ def _cdf(weights: np.ndarray) -> np.ndarray:
     return cdf / cdf[-1]
 
 
-def _world(rows: int, seed: int) -> _World:
+def _world(rows: int, seed: int, history: int = 0) -> _World:
     rng = np.random.default_rng([seed, 0x5EED])
     n_users, n_items = max(200, rows // 40), max(100, rows // 80)
     n_brands = N_CATEGORIES * BRANDS_PER_CATEGORY
@@ -145,8 +181,33 @@ def _world(rows: int, seed: int) -> _World:
         brand_virality=rng.normal(0.0, 0.4, n_brands), time_cdf=time_cdf, time_grid=START + hours * 3600.0,
         log_price_mean=float(np.mean(category_log_price)),
     )
+    if history:
+        world.history = _history_world(world, seed, history)
     _calibrate(world, seed)
     return world
+
+
+def _history_world(world: _World, seed: int, length: int) -> _History:
+    """From its own generator, so the rest of the world is the same with or without history."""
+    rng = np.random.default_rng([seed, 0x4157])
+    by_category = np.argsort(world.item_category, kind="stable")
+    category = world.item_category[by_category]
+    weight = np.diff(world.item_cdf, prepend=0.0)[by_category]
+    cumulative = np.cumsum(weight)
+    first = np.searchsorted(category, category, side="left")  # each item's category segment start
+    within = (cumulative - cumulative[first] + weight[first]) / np.bincount(category, weight)[category]
+    within[np.r_[category[1:] != category[:-1], True]] = 1.0  # each segment ends at exactly c + 1
+
+    n_items = len(world.item_ids)
+    home = (np.arange(N_CATEGORIES)[:, None] * 3 + np.arange(HOME_TAGS)) % N_TAGS  # overlapping home tags
+    scores = rng.random((n_items, N_TAGS), dtype=np.float32)
+    scores[np.arange(n_items)[:, None], home[world.item_category]] += 1.0  # home tags first, mostly
+    n_tags = rng.integers(0, MAX_TAGS + 1, n_items)
+    ranked = np.argsort(-scores, axis=1)[:, :MAX_TAGS]
+    keep = np.arange(MAX_TAGS) < n_tags[:, None]
+    return _History(length=length, category_cdf=category + within, by_category=by_category,
+                    categories=np.unique(category), tag_offsets=np.r_[0, np.cumsum(n_tags)],
+                    tag_values=ranked[keep].astype(np.int32))
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:
@@ -192,10 +253,25 @@ def _solve_bias(rate_at, target: float) -> float:
     return 0.5 * (low + high)
 
 
+def _intent(world: _World, rng: np.random.Generator, i: np.ndarray) -> np.ndarray:
+    """Each impression's session intent: the item's category w.p. INTENT_MATCH, else a random one."""
+    categories = world.history.categories
+    other = categories[rng.integers(0, len(categories), len(i))]
+    return np.where(rng.random(len(i)) < INTENT_MATCH, world.item_category[i], other)
+
+
+def _intent_bonus(world: _World, intent: np.ndarray, i: np.ndarray, click, like, share):
+    bonus = INTENT_BONUS * (intent == world.item_category[i])
+    return click + bonus, like + 0.8 * bonus, share + bonus
+
+
 def _calibrate(world: _World, seed: int) -> None:
     rng = np.random.default_rng([seed, 0xCA11])
     u, i, _, hour, device = _impressions(world, rng, rng.random(CALIBRATION_ROWS))
     click, like, share = _logits(world, rng, u, i, hour, device)
+    if world.history is not None:
+        intent = _intent(world, np.random.default_rng([seed, 0xCA11, 0x4157]), i)
+        click, like, share = _intent_bonus(world, intent, i, click, like, share)
     world.click_bias = _solve_bias(lambda b: _sigmoid(b + click).mean(), CLICK_RATE)
     p_click = _sigmoid(world.click_bias + click)
     world.like_bias = _solve_bias(lambda b: (p_click * _sigmoid(b + like)).mean(), LIKE_RATE)
@@ -208,6 +284,10 @@ def _block(world: _World, rows: int, seed: int, index: int) -> pl.DataFrame:
     rng = np.random.default_rng([seed, 0xB10C, index])
     u, i, ts, hour, device = _impressions(world, rng, (start + np.arange(m) + rng.random(m)) / rows)
     click_logit, like_logit, share_logit = _logits(world, rng, u, i, hour, device)
+    if world.history is not None:
+        history_rng = np.random.default_rng([seed, 0x4157, index])
+        intent = _intent(world, history_rng, i)
+        click_logit, like_logit, share_logit = _intent_bonus(world, intent, i, click_logit, like_logit, share_logit)
     click = rng.random(m) < _sigmoid(world.click_bias + click_logit)
     like = click & (rng.random(m) < _sigmoid(world.like_bias + like_logit))
     share = click & (rng.random(m) < _sigmoid(world.share_bias + share_logit))
@@ -230,35 +310,86 @@ def _block(world: _World, rows: int, seed: int, index: int) -> pl.DataFrame:
         "like": like.astype(np.int8),
         "share": share.astype(np.int8),
     })
-    return frame.with_columns(
+    frame = frame.with_columns(
         pl.col("user_activity", "item_price", "item_popularity").fill_nan(None),
         pl.when(pl.Series(nulls["user_city"])).then(None).otherwise(pl.col("user_city")).alias("user_city"),
     )
+    if world.history is None:
+        return frame
+    lists = pl.DataFrame([_history_items(world, history_rng, intent), _item_tags(world, history_rng, i)])
+    return pl.concat([frame.drop("click", "like", "share"), lists, frame.select("click", "like", "share")],
+                     how="horizontal")
+
+
+def _list_series(name: str, lengths: np.ndarray, values: pa.Array, null: np.ndarray) -> pl.Series:
+    lengths = np.where(null, 0, lengths)
+    offsets = pa.array(np.r_[0, np.cumsum(lengths)].astype(np.int32))
+    return pl.Series(name, pa.ListArray.from_arrays(offsets, values, mask=pa.array(null)))
+
+
+def _history_items(world: _World, rng: np.random.Generator, intent: np.ndarray) -> pl.Series:
+    """Up to ``length`` item ids per row, most recent last, mostly of the intent category."""
+    history, m = world.history, len(intent)
+    lengths = rng.integers(1, history.length + 1, m)
+    lengths[rng.random(m) < HISTORY_EMPTY] = 0
+    null = rng.random(m) < HISTORY_NULL
+    lengths[null] = 0
+    owner = np.repeat(np.arange(m), lengths)
+    starts = np.cumsum(lengths) - lengths
+    recency = (np.arange(len(owner)) - starts[owner] + 1) / np.maximum(lengths[owner], 1)  # (0, 1], 1 = newest
+    from_intent = rng.random(len(owner)) < 0.5 + 0.45 * recency
+    in_category = np.searchsorted(history.category_cdf, intent[owner] + rng.random(len(owner)), side="right")
+    in_category = history.by_category[in_category.clip(max=len(history.by_category) - 1)]
+    anywhere = np.searchsorted(world.item_cdf, rng.random(len(owner)), side="right").clip(max=len(world.item_cdf) - 1)
+    items = world.item_ids[np.where(from_intent, in_category, anywhere)]
+    return _list_series("hist_items", lengths, pa.array(items, type=pa.int64()), null)
+
+
+_TAG_NAMES = pl.Series([f"tag_{k:02d}" for k in range(N_TAGS)])
+
+
+def _item_tags(world: _World, rng: np.random.Generator, i: np.ndarray) -> pl.Series:
+    """The impressed item's tags (a multi-hot list), 1% null."""
+    history = world.history
+    lengths = np.diff(history.tag_offsets)[i]
+    null = rng.random(len(i)) < TAGS_NULL
+    lengths = np.where(null, 0, lengths)
+    owner = np.repeat(np.arange(len(i)), lengths)
+    position = np.arange(len(owner)) - (np.cumsum(lengths) - lengths)[owner]
+    tags = history.tag_values[history.tag_offsets[i][owner] + position]
+    names = _TAG_NAMES.gather(tags).to_arrow(compat_level=pl.CompatLevel.oldest())
+    return _list_series("tags", lengths, names, null)
 
 
 def _blocks(rows: int) -> int:
     return -(-rows // BLOCK)
 
 
-def synthesize(rows: int, seed: int = 0) -> pl.DataFrame:
-    """A synthetic log of ``rows`` impressions (columns listed in docs/data.md), deterministic per seed."""
+def synthesize(rows: int, seed: int = 0, history: int = 0) -> pl.DataFrame:
+    """A synthetic log of ``rows`` impressions (columns listed in docs/data.md), deterministic per seed;
+    ``history > 0`` adds ``hist_items`` (up to ``history`` ids) and ``tags``."""
     if rows < 1:
         raise ValueError("rows must be at least 1")
-    world = _world(rows, seed)
+    if history < 0:
+        raise ValueError("history must be at least 0")
+    world = _world(rows, seed, history)
     return pl.concat([_block(world, rows, seed, b) for b in range(_blocks(rows))], rechunk=True)
 
 
-def write_synthetic(path: str | Path, rows: int, seed: int = 0, chunk_rows: int = 1_000_000) -> Path:
-    """Write ``synthesize(rows, seed)`` to Parquet (zstd) a chunk at a time, atomically.
+def write_synthetic(path: str | Path, rows: int, seed: int = 0, chunk_rows: int = 1_000_000,
+                    history: int = 0) -> Path:
+    """Write ``synthesize(rows, seed, history)`` to Parquet (zstd) a chunk at a time, atomically.
 
     Memory stays bounded by ``chunk_rows`` (rounded up to whole blocks of 65,536 rows); the file's
     rows are the same whatever the chunk size.
     """
     if rows < 1:
         raise ValueError("rows must be at least 1")
+    if history < 0:
+        raise ValueError("history must be at least 0")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    world = _world(rows, seed)
+    world = _world(rows, seed, history)
     per_chunk = max(1, -(-chunk_rows // BLOCK))
     tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
     writer = None

@@ -201,7 +201,7 @@ def test_encode_rejects_missing_columns_and_bad_labels(tmp_path, raw_path, raw_l
 
 
 def test_unsupported_column_types_are_skipped_with_a_warning_or_refused_when_asked_for(tmp_path):
-    frame = pl.DataFrame({"x": [1, 2, 3, 4] * 5, "tags": [[1, 2]] * 20, "when": pl.datetime_range(
+    frame = pl.DataFrame({"x": [1, 2, 3, 4] * 5, "tags": [[1.5, 2.0]] * 20, "when": pl.datetime_range(
         pl.datetime(2024, 1, 1), pl.datetime(2024, 1, 20), "1d", eager=True), "click": np.arange(20) % 2})
     path = write(tmp_path, frame)
     summary = preprocess([str(path)], ["click"], str(tmp_path / "ok"))

@@ -120,6 +120,8 @@ def train(
     batch_size: Annotated[Optional[int], typer.Option(help="Batch size.")] = None,
     lr: Annotated[Optional[float], typer.Option(help="Adam learning rate.")] = None,
     weight_decay: Annotated[Optional[float], typer.Option(help="Adam weight decay.")] = None,
+    embedding_optimizer: Annotated[Optional[str], typer.Option(
+        help="Embedding rows: lazy-adam (default: touched rows only), rowwise-adagrad, or adam (dense).")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Seed (init, shuffling).")] = None,
     device: Annotated[Optional[str], typer.Option(help="auto, cpu or cuda.")] = None,
     precision: Annotated[Optional[str], typer.Option(help="auto (bf16 on CUDA), fp32 or bf16.")] = None,
@@ -155,7 +157,8 @@ def train(
     else:
         values = read_toml(config) if config else {}
         flags = dict(data=data, model=model, target=target, balancer=balancer, scope=balance_scope, epochs=epochs,
-                     batch_size=batch_size, lr=lr, weight_decay=weight_decay, seed=seed, device=device,
+                     batch_size=batch_size, lr=lr, weight_decay=weight_decay,
+                     embedding_optimizer=embedding_optimizer, seed=seed, device=device,
                      precision=precision, patience=patience, embedding_dim=embedding_dim, num_experts=experts,
                      levels=levels, max_bad_steps=max_bad_steps, checkpoint_every=checkpoint_every, out=out,
                      shared_experts=shared_experts, task_experts=task_experts, dropout=dropout, ndcg_k=ndcg_k,
@@ -195,6 +198,7 @@ def _saved_config(run_dir: str) -> dict:
         raise UserError(f"cannot resume {run_dir}: no config.json there (is it a run directory of mtrec train?)")
     values = json.loads(path.read_text())
     values.pop("mtrec_version", None)
+    values.setdefault("embedding_optimizer", "adam")  # runs from before the flag updated tables densely
     values["out"] = str(run_dir)
     return values
 

@@ -26,6 +26,7 @@ class TrainConfig:
     batch_size: int = 2048
     lr: float = 1e-3
     weight_decay: float = 0.0
+    embedding_optimizer: str = "lazy-adam"  # lazy-adam, rowwise-adagrad (sparse rows) or adam (dense)
     seed: int = 0
     device: str = "auto"
     precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
@@ -51,6 +52,8 @@ class TrainConfig:
             (self.batch_size >= 1, "--batch-size must be at least 1"),
             (self.lr > 0, "--lr must be positive (try 1e-3)"),
             (self.weight_decay >= 0, "--weight-decay must be >= 0"),
+            (self.embedding_optimizer in ("lazy-adam", "rowwise-adagrad", "adam"),
+             f"--embedding-optimizer must be lazy-adam, rowwise-adagrad or adam, not {self.embedding_optimizer!r}"),
             (self.patience >= 1, "--patience must be at least 1"),
             (self.embedding_dim >= 1, "--embedding-dim must be at least 1"),
             (0 <= self.dropout < 1, "--dropout must be in [0, 1)"),

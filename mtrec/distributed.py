@@ -16,6 +16,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from mtrec.optim import row_grad
+
 
 class Group:
     def __init__(self, rank: int, world: int):
@@ -41,6 +43,43 @@ class Group:
             n = t.numel()
             t.copy_(flat[offset:offset + n].view_as(t))
             offset += n
+
+    def sum_grads_(self, params: list[Tensor], scale: float = 1.0) -> None:
+        """``p.grad <- sum over ranks of scale * p.grad`` for every parameter, in one all-reduce.
+
+        A sparse row gradient (an embedding table's touched rows) becomes one over the union of
+        the rows every rank touched, which is what one process with the global batch touches: the
+        ranks all-gather their row ids (padded to the largest count), then the union's rows go
+        into the all-reduce, never the whole table. Every rank needs the same parameter list with
+        the same gradients sparse; an absent gradient is taken as a dense zero.
+        """
+        dense, sparse = [], []
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            if p.grad.is_sparse:
+                grad = p.grad.coalesce()
+                mine = grad.indices()[0]
+                rows = self.union(mine)
+                values = grad.values().new_zeros((rows.numel(), *p.shape[1:]))
+                values.index_add_(0, torch.searchsorted(rows, mine), grad.values())
+                sparse.append((p, rows, values))
+            else:
+                dense.append(p.grad)
+        self.sum_(dense + [values for _, _, values in sparse], scale)
+        for p, rows, values in sparse:
+            p.grad = row_grad(p, rows, values)
+
+    def union(self, ids: Tensor) -> Tensor:
+        """The sorted union over ranks of each rank's (unique, non-negative) ids: two all-gathers."""
+        counts = [torch.zeros(1, dtype=torch.long, device=ids.device) for _ in range(self.world)]
+        dist.all_gather(counts, torch.tensor([ids.numel()], dtype=torch.long, device=ids.device))
+        padded = ids.new_full((int(torch.cat(counts).max()),), -1)
+        padded[:ids.numel()] = ids
+        gathered = [torch.empty_like(padded) for _ in range(self.world)]
+        dist.all_gather(gathered, padded)
+        every = torch.cat(gathered)
+        return every[every >= 0].unique()
 
     def global_losses(self, losses: Tensor, share: float) -> Tensor:
         """The global batch's mean losses as values, with gradients flowing to the local losses."""

@@ -24,6 +24,7 @@ from mtrec.errors import UserError
 from mtrec.evaluate import split_metrics
 from mtrec.models import ModelConfig, SequenceField, SingleTask, build as build_model
 from mtrec.objective import Objective, parse_conditions
+from mtrec.optim import build_optimizer
 from mtrec.report import TrainProgress, console
 from mtrec.step import SCOPES, Stepper
 
@@ -127,14 +128,13 @@ def build_for(cfg: TrainConfig, schema: Schema, tasks: list[str]):
     return model, balancer
 
 
-def make_optimizer(model, balancer, cfg: TrainConfig, device: torch.device) -> torch.optim.Adam:
-    """Adam over the model and the balancer's learned parameters (UW's log-variances: no weight
-    decay); fused on CUDA."""
-    groups = [{"params": list(model.parameters()), "weight_decay": cfg.weight_decay}]
+def make_optimizer(model, balancer, cfg: TrainConfig, device: torch.device):
+    """Adam over the dense parameters and the balancer's learned parameters (UW's log-variances:
+    no weight decay), fused on CUDA; the embedding tables get ``cfg.embedding_optimizer``
+    (mtrec/optim.py: sparse rows for lazy-adam / rowwise-adagrad, the same Adam for adam)."""
     balancer_params = [p for p in balancer.parameters() if p.requires_grad]
-    if balancer_params:
-        groups.append({"params": balancer_params, "weight_decay": 0.0})
-    return torch.optim.Adam(groups, lr=cfg.lr, fused=device.type == "cuda" or None)
+    return build_optimizer(model, balancer_params, cfg.embedding_optimizer, cfg.lr, cfg.weight_decay,
+                           fused=device.type == "cuda" or None)
 
 
 def autocast_dtype(cfg: TrainConfig, device: torch.device):

@@ -57,6 +57,16 @@ def test_ali_ccp_samples(tmp_path, name, rows):
     assert valid.schema["purchase"] == pl.UInt8 and valid.schema["_user"] == pl.Int64
 
 
+def test_ali_ccp_shipped_split_column(tmp_path):
+    path = dataset("ali_ccp_sample/ali_ccp_rechub_sample.parquet")
+    summary = preprocess([str(path)], ["click", "purchase"], str(tmp_path / "ali"), user="user_id", item="item_id",
+                         split_column="split")
+    assert summary.rows == {"train": 100, "valid": 50, "test": 50}  # torch-rechub's own train / val / test files
+    assert "split" not in [f.name for f in summary.schema.features]
+    train_items = pl.read_parquet(path).filter(pl.col("split") == "train")["item_id"].n_unique()
+    assert summary.vocab_sizes["item_id"] == train_items + 2
+
+
 def test_taobao_labels_with_a_time_split(tmp_path):
     path = dataset("taobao_userbehavior_head/taobao_user_item_labels.parquet")
     labels = ["label_buy", "label_cart", "label_fav", "label_pv"]

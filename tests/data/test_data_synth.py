@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 import polars as pl
 import pytest
@@ -99,3 +101,88 @@ def test_labels_are_learnable_and_click_carries_the_share_signal(log):
     # carries the target's signal, which is what multi-task learning exploits.
     click_model = LogisticRegression(max_iter=300).fit(x[:half], click[:half])
     assert roc_auc_score(share[half:], click_model.decision_function(x[half:])) > 0.68
+
+
+def _digest(frame: pl.DataFrame) -> str:
+    """sha256 of every column's values and null mask (independent of the Parquet writer's bytes)."""
+    digest = hashlib.sha256()
+    for name in frame.columns:
+        series = frame[name]
+        digest.update(name.encode())
+        digest.update(series.is_null().to_numpy().tobytes())
+        if series.dtype == pl.String:
+            digest.update("\x00".join(series.fill_null("").to_list()).encode())
+        else:
+            digest.update(series.fill_null(0).to_numpy().tobytes())
+    return digest.hexdigest()
+
+
+def test_history_zero_is_the_log_written_before_history_existed(tmp_path):
+    # recorded with write_synthetic before --history was added (commit 74bb653)
+    path = write_synthetic(tmp_path / "a.parquet", rows=2 * BLOCK + 1234, seed=3, chunk_rows=BLOCK, history=0)
+    assert _digest(pl.read_parquet(path)) == "fad49f959c4a9ab7df03084528cff716d951f0e8a75c7dcd99fe07b813d98312"
+    assert _digest(synthesize(5000, seed=0)) == "566836f2afa45eaece0e8be14deb697bff4858a6102dc70be2a0152972124b4e"
+
+
+def test_history_is_deterministic_whatever_the_chunking(tmp_path):
+    rows = 2 * BLOCK + 777
+    a = write_synthetic(tmp_path / "a.parquet", rows=rows, seed=5, chunk_rows=BLOCK, history=12)
+    b = write_synthetic(tmp_path / "b.parquet", rows=rows, seed=5, history=12)
+    frame = pl.read_parquet(a)
+    assert frame.equals(pl.read_parquet(b)) and frame.equals(synthesize(rows, seed=5, history=12))
+    assert frame.schema["hist_items"] == pl.List(pl.Int64) and frame.schema["tags"] == pl.List(pl.String)
+    assert frame.columns[-5:] == ["hist_items", "tags", "click", "like", "share"]
+    base = synthesize(rows, seed=5)
+    assert frame.select(base.columns[:12]).equals(base.select(base.columns[:12]))  # same impressions
+
+
+@pytest.fixture(scope="module")
+def history_log() -> pl.DataFrame:
+    return synthesize(60_000, seed=2, history=20)
+
+
+def test_history_shapes_rates_and_item_space(history_log):
+    log = history_log
+    lengths = log["hist_items"].list.len()
+    assert 0.01 < log["hist_items"].null_count() / log.height < 0.03
+    assert 0.05 < (lengths == 0).mean() < 0.11 and lengths.max() == 20
+    assert 0.005 < log["tags"].null_count() / log.height < 0.02
+    assert log["tags"].list.len().max() == 5 and (log["tags"].list.len() == 0).sum() > 0
+    assert (log["tags"].list.n_unique() == log["tags"].list.len()).all()  # multi-hot: no repeated tag
+    items = set(log["item_id"].unique().to_list())
+    history = log["hist_items"].explode().drop_nulls()
+    assert history.is_in(list(items)).mean() > 0.95  # ids of the log's item space
+    rates = log.select(pl.col("click", "like", "share").mean()).row(0)
+    assert 0.10 <= rates[0] <= 0.15 and 0.02 <= rates[1] <= 0.03 and 0.005 <= rates[2] <= 0.01
+
+
+def test_history_carries_click_signal_that_no_other_column_has(history_log):
+    log = history_log.with_row_index("row")
+    category = log.select(pl.col("item_id").alias("hist_items"), pl.col("item_category").alias("hist_category")).unique()
+    match = (log.select("row", "item_category", "hist_items").explode("hist_items")
+             .join(category, on="hist_items", how="left")
+             .group_by("row").agg((pl.col("hist_category") == pl.col("item_category")).mean().alias("match")))
+    log = log.join(match, on="row", how="left").with_columns(pl.col("match").fill_null(0.0))
+    click = log["click"].to_numpy()
+    # the share of history items in the impressed item's category ranks clicks by itself ...
+    assert roc_auc_score(click, log["match"].to_numpy()) > 0.55
+    # ... while it is (nearly) independent of the user and item features the log already has
+    x = _features(log)
+    assert np.abs(np.corrcoef(np.c_[x, log["match"].to_numpy()].T)[-1, :-1]).max() < 0.1
+    # and the most recent elements are the most telling (so truncation should keep the last ones)
+    ends = log.filter(pl.col("hist_items").list.len() >= 10).select(
+        "item_category", newest=pl.col("hist_items").list.last(), oldest=pl.col("hist_items").list.first())
+    hit = {end: ends.join(category, left_on=end, right_on="hist_items", how="inner")
+           .select((pl.col("hist_category") == pl.col("item_category")).mean()).item() for end in ("newest", "oldest")}
+    assert hit["newest"] > hit["oldest"] + 0.1
+
+
+def test_synth_history_through_the_cli(tmp_path):
+    from tests.test_cli_errors import assert_user_error, invoke
+
+    code, out = invoke("synth", "--out", tmp_path / "h.parquet", "--rows", 500, "--history", 4)
+    assert code == 0, out
+    assert pl.read_parquet(tmp_path / "h.parquet").equals(synthesize(500, seed=0, history=4))
+    code, out = invoke("synth", "--out", tmp_path / "bad.parquet", "--history", -1)
+    assert_user_error(code, out, "--history")
+    assert not (tmp_path / "bad.parquet").exists()

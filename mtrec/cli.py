@@ -63,15 +63,19 @@ def synth(
     rows: Annotated[int, typer.Option(help="Number of impressions.")] = 100_000,
     seed: Annotated[int, typer.Option(help="Random seed (same seed, same log).")] = 0,
     force: Annotated[bool, typer.Option(help="Overwrite an existing file.")] = False,
+    history: Annotated[int, typer.Option(
+        help="Add hist_items (up to N recent item ids) and tags (multi-hot) list columns; 0: none.")] = 0,
 ):
     """Write a synthetic interaction log (users, items, features, click -> like -> share labels)."""
     from mtrec.data.synth import write_synthetic
 
     if rows < 1:
         raise UserError("--rows must be at least 1")
+    if history < 0:
+        raise UserError(f"--history must be 0 (no history) or a positive list length, got {history}")
     if out.exists() and not force:
         raise UserError(f"{out} exists: pass --force to overwrite it")
-    write_synthetic(out, rows=rows, seed=seed)
+    write_synthetic(out, rows=rows, seed=seed, history=history)
     console.print(f"wrote {rows:,} rows to {out}")
 
 
@@ -85,7 +89,9 @@ def preprocess(
     time: Annotated[Optional[str], typer.Option(help="Timestamp column (enables --split time).")] = None,
     spec: Annotated[Optional[str], typer.Option(help="TOML feature spec (kinds, min counts, transforms).")] = None,
     split: Annotated[Optional[str], typer.Option(help="time or random (default: time when --time is given).")] = None,
-    ratios: Annotated[str, typer.Option(help="train,valid,test fractions.")] = "0.8,0.1,0.1",
+    ratios: Annotated[Optional[str], typer.Option(help="train,valid,test fractions (default 0.8,0.1,0.1).")] = None,
+    split_column: Annotated[Optional[str], typer.Option(
+        help="Column of train / valid / test strings that gives the split (instead of --split / --ratios).")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the random split.")] = 0,
     min_count: Annotated[int, typer.Option(help="Values seen fewer times in train become OOV.")] = 1,
     exclude: Annotated[Optional[str], typer.Option(help="Comma-separated columns that are not features.")] = None,
@@ -94,12 +100,14 @@ def preprocess(
     """Encode raw Parquet logs into train/valid/test splits, vocabularies and a schema."""
     from mtrec.data.preprocess import preprocess as run
 
-    try:
-        ratio_values = tuple(float(r) for r in ratios.split(","))
-    except ValueError as err:
-        raise UserError(f"--ratios expects three numbers like 0.8,0.1,0.1, got {ratios!r}") from err
+    ratio_values = None
+    if ratios is not None:
+        try:
+            ratio_values = tuple(float(r) for r in ratios.split(","))
+        except ValueError as err:
+            raise UserError(f"--ratios expects three numbers like 0.8,0.1,0.1, got {ratios!r}") from err
     kwargs = dict(user=user, item=item, time=time, spec=spec, ratios=ratio_values, seed=seed,
-                  min_count=min_count, force=force, exclude=_split_list(exclude))
+                  min_count=min_count, force=force, exclude=_split_list(exclude), split_column=split_column)
     if split:
         kwargs["split"] = split
     summary = run(inputs, _split_list(labels), str(out), **kwargs)

@@ -105,11 +105,10 @@ class Objective:
         if self.esmm is None:
             return logits, labels
         cvr, ctr = self.esmm
-        logits = logits.clone()
-        logits[:, cvr] = ctcvr_logit(logits[:, cvr], logits[:, ctr])
-        labels = labels.clone()
-        labels[:, cvr] = labels[:, cvr] * labels[:, ctr]
-        return logits, labels
+        columns, targets = list(logits.unbind(1)), list(labels.unbind(1))
+        columns[cvr] = ctcvr_logit(columns[cvr], columns[ctr])
+        targets[cvr] = targets[cvr] * targets[ctr]
+        return torch.stack(columns, 1), torch.stack(targets, 1)
 
     def losses(self, logits: Tensor, labels: Tensor, group=None, share: float = 1.0) -> Tensor:
         """``[T]`` fp32 training losses of a batch. Under torchrun (``group``), a conditional task's

@@ -159,3 +159,25 @@ def test_conditional_and_ctcvr_metrics_equal_sklearn_on_their_rows():
     both = y[:, 0] * y[:, 1]
     assert result["ctcvr"]["auc"] == pytest.approx(roc_auc_score(both, pctcvr), abs=1e-6)
     assert result["ctcvr"]["n"] == 2_000
+
+
+@pytest.mark.parametrize("scope", ["shared", "all", "representation"])
+def test_esmm_step_with_a_summing_balancer_reproduces_the_plain_backward(scope):
+    from mtrec.step import Stepper
+    from tests.engine.test_step import Recorder
+
+    torch.manual_seed(0)
+    model = build("esmm", [10, 12], 1, [0.1, 0.3, 0.15], ModelConfig(expert_sizes=[8], tower_sizes=[4]))
+    objective = Objective(TASKS, parse_conditions(["purchase:click"], TASKS), esmm=True)
+    g = torch.Generator().manual_seed(3)
+    codes = torch.stack([torch.randint(0, 10, (64,), generator=g), torch.randint(0, 12, (64,), generator=g)], 1)
+    numeric = torch.randn(64, 1, generator=g)
+    labels, _ = funnel(64, seed=4)
+    model.zero_grad()
+    objective.losses(model(codes, numeric), labels).sum().backward()
+    expected = {n: p.grad.clone() for n, p in model.named_parameters()}
+    stepper = Stepper(model, Recorder(3), torch.optim.SGD(model.parameters(), lr=0.0), scope, torch.device("cpu"),
+                      None, objective)
+    stepper.step(codes.int(), numeric, labels)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, expected[name], atol=1e-6, rtol=1e-5, msg=name)

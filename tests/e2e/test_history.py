@@ -1,0 +1,69 @@
+"""Behaviour sequences end to end: on a `mtrec synth --history` log (the session intent is visible
+only in the history), the same MMoE trained with the history (DIN attention on the item id, tags
+mean-pooled) beats it without; `predict` scores the raw rows exactly as `evaluate` does."""
+
+import json
+
+import numpy as np
+import polars as pl
+import pytest
+from sklearn.metrics import roc_auc_score
+from typer.testing import CliRunner
+
+from mtrec.cli import app
+
+SPEC = """
+[features.hist_items]
+kind = "sequence"
+max_len = 20
+pooling = "attention"
+share_with = "item_id"
+
+[features.tags]
+kind = "sequence"
+max_len = 5
+"""
+TRAIN = ["--model", "mmoe", "--target", "click", "--epochs", "2", "--batch-size", "512", "--embedding-dim", "8",
+         "--expert-sizes", "32", "--tower-sizes", "16", "--experts", "2", "--device", "cpu", "--quiet", "--seed", "0"]
+PREPROCESS = ["--labels", "click,like,share", "--user", "user_id", "--item", "item_id", "--time", "ts"]
+
+
+def invoke(*args):
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("history")
+    invoke("synth", "--rows", 100_000, "--history", 20, "--seed", 0, "--out", root / "log.parquet")
+    (root / "spec.toml").write_text(SPEC)
+    invoke("preprocess", root / "log.parquet", *PREPROCESS, "--spec", root / "spec.toml", "--out", root / "with")
+    invoke("preprocess", root / "log.parquet", *PREPROCESS, "--exclude", "hist_items,tags", "--out", root / "without")
+    for name in ("with", "without"):
+        invoke("train", root / name, *TRAIN, "--out", root / f"run-{name}")
+    return root
+
+
+def _test_metrics(run):
+    return json.loads(invoke("evaluate", run, "--json", "--device", "cpu"))["metrics"]
+
+
+def test_the_history_carries_signal_the_other_columns_do_not(runs):
+    with_history, without = _test_metrics(runs / "run-with"), _test_metrics(runs / "run-without")
+    # Measured (100k rows, seed 0, 2 epochs, 2-core CPU): click 0.6749 vs 0.6635, like 0.7470 vs
+    # 0.7325, share 0.8243 vs 0.8020 (docs/results.md has the seed spread at 200k rows).
+    assert with_history["click"]["auc"] > without["click"]["auc"] + 0.005
+    assert with_history["mean"]["auc"] > without["mean"]["auc"] + 0.005
+
+
+def test_predict_on_the_raw_log_gives_what_evaluate_scores(runs, tmp_path):
+    invoke("predict", runs / "run-with", "--raw", runs / "log.parquet", "--out", tmp_path / "p.parquet",
+           "--keep", "ts", "--device", "cpu")
+    raw = pl.read_parquet(runs / "log.parquet", columns=["ts", "click"])
+    preds = pl.read_parquet(tmp_path / "p.parquet")
+    assert preds["ts"].equals(raw["ts"])
+    test_rows = np.sort(np.argsort(raw["ts"].to_numpy(), kind="stable")[-10_000:])  # the time split's test part
+    auc = roc_auc_score(raw["click"].to_numpy()[test_rows], preds["p_click"].to_numpy()[test_rows])
+    assert auc == pytest.approx(_test_metrics(runs / "run-with")["click"]["auc"], abs=1e-6)

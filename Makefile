@@ -7,7 +7,7 @@ TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 DEMO := out/demo
 
-.PHONY: install demo test bench clean
+.PHONY: install demo sequences test bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,18 @@ demo: install
 	$(BIN)/mtrec train $(DEMO)/data --model mmoe --target share --balancer metabalance \
 		--epochs 4 --batch-size 1024 --out $(DEMO)/run
 	$(BIN)/mtrec evaluate $(DEMO)/run --split test
+
+# README "Behaviour sequences, conditional tasks and ESMM": a history log, DIN attention, ESMM, predict.
+SEQ := out/seq
+sequences: install
+	rm -rf $(SEQ)
+	$(BIN)/mtrec synth --rows 200000 --history 20 --out $(SEQ)/log.parquet
+	$(BIN)/mtrec preprocess $(SEQ)/log.parquet --labels click,like,share --user user_id --item item_id --time ts \
+		--spec sample_data/sequence_spec.toml --out $(SEQ)/data
+	$(BIN)/mtrec train $(SEQ)/data --model esmm --target share --tasks share,click --condition share:click \
+		--epochs 2 --out $(SEQ)/esmm
+	$(BIN)/mtrec evaluate $(SEQ)/esmm
+	$(BIN)/mtrec predict $(SEQ)/esmm --raw $(SEQ)/log.parquet --out $(SEQ)/preds.parquet
 
 test: install
 	$(BIN)/python -m pytest -q

@@ -248,3 +248,6 @@ def list_balancers():
 
 def main() -> None:
     app(prog_name="mtrec")
+
+
+from mtrec import cli_research  # noqa: E402,F401

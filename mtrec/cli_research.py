@@ -1,0 +1,122 @@
+"""The researcher's commands: ``mtrec compare`` (a grid of runs and its summary) and ``mtrec plot``.
+
+Registered on ``mtrec.cli.app`` through its ``command`` decorator (one place for exit codes);
+``mtrec/cli.py`` imports this module at its end.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from mtrec.cli import _split_list, app, command
+from mtrec.errors import UserError
+from mtrec.report import console, err_console, simple_table
+
+
+def _say(line: str) -> None:
+    err_console.print(line, markup=False, highlight=False, soft_wrap=True)
+
+
+def _train_options() -> set[str]:
+    """The option names of ``mtrec train`` (read from the command itself, so new flags pass)."""
+    train = typer.main.get_command(app).commands["train"]
+    return {opt for param in train.params for opt in param.opts if opt.startswith("--")}
+
+
+def _seeds(text: str) -> list[int]:
+    try:
+        return [int(s) for s in _split_list(text)]
+    except ValueError as err:
+        raise UserError(f"--seeds expects comma-separated integers like 1,2,3, got {text!r}") from err
+
+
+@command("compare")
+def compare(
+    ctx: typer.Context,
+    data: Annotated[Optional[str], typer.Argument(help="Directory made by mtrec preprocess (first, before any flag).")] = None,
+    balancers: Annotated[Optional[str], typer.Option(help="Comma-separated balancers, e.g. ew,metabalance,pcgrad.")] = None,
+    seeds: Annotated[str, typer.Option(help="Comma-separated seeds.")] = "1,2,3",
+    models: Annotated[str, typer.Option(help="Comma-separated models.")] = "mmoe",
+    baseline: Annotated[Optional[str], typer.Option(help="Balancer the others are compared with (default: ew if compared, else the first).")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Compare directory: one run directory per cell.")] = None,
+    jobs: Annotated[int, typer.Option(help="Cells trained at once (the cores are divided between them).")] = 1,
+    summarize: Annotated[Optional[Path], typer.Option(help="Only recompute the summary of this compare directory.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
+):
+    """Train and evaluate every model x balancer x seed (any other mtrec train flag applies to every
+    cell), then summarize: test metrics over seeds, paired differences to the baseline with 95%
+    intervals, Δm%, speed and skipped steps. Re-running skips finished cells and resumes interrupted ones."""
+    from mtrec import compare as grid_runner
+
+    if summarize is not None:
+        if ctx.args or data:
+            raise UserError("--summarize DIR takes no DATA and no train flags (only --baseline and --json)")
+        directory = summarize
+    else:
+        if not data:
+            raise UserError("missing DATA: the directory made by mtrec preprocess (or pass --summarize DIR)")
+        if out is None:
+            raise UserError("--out is required: the compare directory to create or continue")
+        if jobs < 1:
+            raise UserError("--jobs must be at least 1")
+        grid = grid_runner.make_grid(data, _split_list(models), _split_list(balancers), _seeds(seeds), baseline,
+                                     list(ctx.args), _train_options())
+        grid = grid_runner.merge_grid(out, grid)
+        try:
+            grid_runner.run_grid(grid, out, jobs=jobs, say=_say)
+        except grid_runner.CompareInterrupted:
+            _say(f"interrupted: the running cells saved their checkpoints; run the same command again to continue")
+            raise typer.Exit(130) from None
+        directory = out
+    summary = grid_runner.summarize(directory, baseline)
+    grid_runner.write_summary(summary, directory)
+    if as_json:
+        print(json.dumps(summary, indent=2))
+    else:
+        render_summary(summary)
+        console.print(f"summary written to {Path(directory) / 'summary.md'} and summary.csv")
+    if any(c["status"] == "failed" for c in summary["cells"]):
+        raise typer.Exit(1)
+
+
+# Passed-through train flags arrive in ctx.args: the command accepts options it does not declare.
+next(c for c in app.registered_commands if c.name == "compare").context_settings = {
+    "allow_extra_args": True, "ignore_unknown_options": True}
+
+
+def render_summary(summary: dict) -> None:
+    """One table per metric (mean ± std over seeds, paired Δ to the baseline), one per model x balancer."""
+    from mtrec.compare import METRIC_NAMES, METRICS, failure_lines, group_rows, metric_rows
+
+    for metric in METRICS:
+        header, rows = metric_rows(summary, [metric])
+        if all(row[4] == "-" for row in rows):
+            continue  # e.g. GAUC without user ids
+        console.print(simple_table(f"test {METRIC_NAMES[metric]}, mean ± std over seeds; Δ: paired difference "
+                                   f"to {summary['baseline']}, 95% t interval (* excludes 0)", header, rows))
+    header, rows = group_rows(summary)
+    console.print(simple_table(f"per model × balancer (Δm%: LibMTL's mean relative AUC change over tasks, "
+                               f"samples/s ratio to {summary['baseline']})", header, rows))
+    for line in failure_lines(summary):
+        err_console.print(f"failed: {line}", markup=False, highlight=False, soft_wrap=True)
+
+
+@command("plot")
+def plot(
+    source: Annotated[Path, typer.Argument(help="A run directory (mtrec train) or a compare directory (mtrec compare).")],
+    out: Annotated[Path, typer.Option(help="Folder for the figures (PNG and SVG).")],
+    metric: Annotated[str, typer.Option(help="Metric of the compare figures: auc, gauc or logloss.")] = "auc",
+):
+    """Figures of a run (validation metrics, gradient norm ratios and cosines over steps) or of a
+    compare directory (metric per balancer with its interval, target-versus-auxiliary trade-off)."""
+    from mtrec import plot as figures
+
+    written, notes = figures.plot(source, out, metric=metric)
+    for note in notes:
+        _say(note)
+    for path in written:
+        console.print(f"wrote {path}")

@@ -1,0 +1,256 @@
+"""``mtrec plot``: figures of a run or of a compare directory (matplotlib, Agg; PNG and SVG).
+
+The series handed to matplotlib come from the small pure functions below (``*_series``,
+``*_points``), which the tests compare with the logged values; the ``_figure_*`` functions only draw.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+
+from mtrec.checkpoint import atomic_write
+from mtrec.compare import METRIC_NAMES, mean_std, t_quantile
+from mtrec.errors import UserError
+
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def _number(value) -> float:
+    return float("nan") if value is None else float(value)
+
+
+# --- series of a run -----------------------------------------------------------------------------
+def validation_series(history: list[dict], metric: str) -> dict[str, tuple[list[int], list[float]]]:
+    """{task: (epochs, values)} of a validation metric from metrics.jsonl records, in logged task
+    order (target first), without the mean over tasks; a missing value is NaN."""
+    tasks = [t for t in history[0]["valid"] if t != "mean"]
+    epochs = [r["epoch"] for r in history]
+    return {t: (epochs, [_number(r["valid"][t].get(metric)) for r in history]) for t in tasks}
+
+
+def train_loss_series(history: list[dict]) -> dict[str, tuple[list[int], list[float]]] | None:
+    """{task: (epochs, mean training loss)} when metrics.jsonl records carry ``train_loss``
+    ({task: value}); None when they do not."""
+    if not history or not all(isinstance(r.get("train_loss"), dict) for r in history):
+        return None
+    epochs = [r["epoch"] for r in history]
+    return {t: (epochs, [_number(r["train_loss"].get(t)) for r in history]) for t in history[0]["train_loss"]}
+
+
+def norm_ratio_series(records: list[dict]) -> tuple[np.ndarray, np.ndarray]:
+    """steps [S] and ratios [K, T-1, S]: per shared tensor k, ‖g_t‖ / ‖g_0‖ of each auxiliary task t
+    (task 0 is the target) at each logged step; NaN where the target's norm is 0."""
+    steps = np.array([r["step"] for r in records])
+    norms = np.array([r["norms"] for r in records], dtype=np.float64)  # [S, K, T]
+    target = np.broadcast_to(norms[:, :, :1], norms[:, :, 1:].shape)
+    ratios = np.divide(norms[:, :, 1:], target, out=np.full(target.shape, np.nan), where=target > 0)
+    return steps, ratios.transpose(1, 2, 0)
+
+
+def cosine_series(records: list[dict]) -> tuple[np.ndarray, list[tuple[int, int]], np.ndarray]:
+    """steps [S], the task pairs (i < j) and cosines [K, P, S] of the pairs' gradients per shared tensor."""
+    steps = np.array([r["step"] for r in records])
+    cosines = np.array([r["cosines"] for r in records], dtype=np.float64)  # [S, K, T, T]
+    rows, cols = np.triu_indices(cosines.shape[-1], 1)
+    return steps, list(zip(rows.tolist(), cols.tolist())), cosines[:, :, rows, cols].transpose(1, 2, 0)
+
+
+# --- series of a compare directory ---------------------------------------------------------------
+def interval_series(summary: dict, metric: str) -> dict[str, dict[str, list[tuple]]]:
+    """{task: {model: [(balancer, mean, lo, hi)]}}: the test metric's mean over seeds with its 95%
+    t interval, mean ± t_{0.975, n-1} · sd / sqrt(n) (lo = hi = mean for one seed)."""
+    series = {}
+    for task in summary["tasks"]:
+        series[task] = {}
+        for group in summary["groups"]:
+            stats = group["tasks"][task][metric]
+            if stats["mean"] is None:
+                continue
+            half = 0.0 if stats["std"] is None else t_quantile(stats["n"] - 1) * stats["std"] / math.sqrt(stats["n"])
+            series[task].setdefault(group["model"], []).append(
+                (group["balancer"], stats["mean"], stats["mean"] - half, stats["mean"] + half))
+    return series
+
+
+def tradeoff_points(summary: dict, metric: str) -> dict[str, list[tuple]]:
+    """{model: [(balancer, target mean, target sd, auxiliary mean, auxiliary sd)]} over seeds, where
+    a seed's auxiliary value is the mean of its auxiliary tasks' test metric (sd: None for one seed)."""
+    target, aux = summary["tasks"][0], summary["tasks"][1:]
+    points = {}
+    for group in summary["groups"]:
+        seeds = group["seeds"]
+        if not seeds:
+            continue
+        per_task = {t: group["tasks"][t][metric]["per_seed"] for t in summary["tasks"]}
+        x = mean_std(per_task[target][s] for s in seeds)
+        y = mean_std(np.nanmean([_number(per_task[t][s]) for t in aux]) for s in seeds)
+        if x["mean"] is None or y["mean"] is None:
+            continue
+        points.setdefault(group["model"], []).append((group["balancer"], x["mean"], x["std"], y["mean"], y["std"]))
+    return points
+
+
+# --- drawing -------------------------------------------------------------------------------------
+def _new_figure(panels: int, width: float = 4.2, height: float = 3.2):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    cols = min(panels, 3)
+    rows = math.ceil(panels / cols)
+    fig = Figure(figsize=(width * cols, height * rows), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(rows, cols, squeeze=False).ravel())
+    for ax in axes[panels:]:
+        ax.set_visible(False)
+    return fig, axes[:panels]
+
+
+def _save(fig, out: Path, name: str) -> list[Path]:
+    written = []
+    for fmt in ("png", "svg"):
+        path = out / f"{name}.{fmt}"
+        atomic_write(path, lambda tmp, fmt=fmt: fig.savefig(tmp, format=fmt, dpi=120))
+        written.append(path)
+        fig.set_layout_engine("none")  # the layout of the first drawing holds for the second
+    return written
+
+
+def _figure_lines(series_by_panel: dict[str, dict], xlabel: str, title: str, out: Path, name: str) -> list[Path]:
+    fig, axes = _new_figure(len(series_by_panel))
+    for ax, (panel, series) in zip(axes, series_by_panel.items()):
+        for label, (x, y) in series.items():
+            ax.plot(x, y, marker="o", label=label)
+        ax.set_title(panel)
+        ax.set_xlabel(xlabel)
+        ax.legend(fontsize="small")
+    fig.suptitle(title)
+    return _save(fig, out, name)
+
+
+def _figure_norm_ratios(steps, ratios, tasks, scope, out: Path) -> list[Path]:
+    fig, axes = _new_figure(ratios.shape[0])
+    for k, ax in enumerate(axes):
+        for t in range(ratios.shape[1]):
+            ax.plot(steps, ratios[k, t], label=f"{tasks[t + 1]} / {tasks[0]}")
+        ax.axhline(1.0, color="grey", linewidth=0.8, linestyle=":")
+        ax.set_yscale("log")
+        ax.set_title(f"shared tensor {k}")
+        ax.set_xlabel("step")
+        ax.legend(fontsize="small")
+    fig.suptitle(f"gradient norm of each auxiliary task / the target's (scope {scope})")
+    return _save(fig, out, "grad_norm_ratio")
+
+
+def _figure_cosines(steps, pairs, cosines, tasks, scope, out: Path) -> list[Path]:
+    fig, axes = _new_figure(cosines.shape[0])
+    gap = float(np.median(np.diff(steps))) if len(steps) > 1 else 1.0
+    extent = (steps[0] - gap / 2, steps[-1] + gap / 2, len(pairs) - 0.5, -0.5)
+    image = None
+    for k, ax in enumerate(axes):
+        image = ax.imshow(cosines[k], aspect="auto", cmap="RdBu", vmin=-1, vmax=1, extent=extent,
+                          interpolation="nearest")
+        ax.set_yticks(range(len(pairs)), [f"{tasks[i]}·{tasks[j]}" for i, j in pairs])
+        ax.set_title(f"shared tensor {k}")
+        ax.set_xlabel("step")
+    fig.colorbar(image, ax=list(axes), label="cosine")
+    fig.suptitle(f"cosine of task gradients (scope {scope})")
+    return _save(fig, out, "grad_cosine")
+
+
+def _figure_intervals(series: dict, metric: str, baseline: str, out: Path) -> list[Path]:
+    fig, axes = _new_figure(len(series))
+    for ax, (task, by_model) in zip(axes, series.items()):
+        models = list(by_model)
+        for m, (model, points) in enumerate(by_model.items()):
+            offset = (m - (len(models) - 1) / 2) * 0.15
+            x = np.arange(len(points)) + offset
+            means = np.array([p[1] for p in points])
+            errors = np.array([[p[1] - p[2] for p in points], [p[3] - p[1] for p in points]])
+            ax.errorbar(x, means, yerr=errors, fmt="o", capsize=3, label=model)
+            ax.set_xticks(np.arange(len(points)), [p[0] for p in points], rotation=45, ha="right")
+        ax.set_title(task)
+        ax.set_ylabel(f"test {METRIC_NAMES[metric]}")
+        ax.legend(fontsize="small")
+    fig.suptitle(f"test {METRIC_NAMES[metric]}: mean over seeds, 95% t interval (baseline {baseline})")
+    return _save(fig, out, f"compare_{metric}")
+
+
+def _figure_tradeoff(points: dict, summary: dict, metric: str, out: Path) -> list[Path]:
+    fig, (ax,) = _new_figure(1, width=5.5, height=4.5)
+    for model, rows in points.items():
+        xerr = [0.0 if r[2] is None else r[2] for r in rows]
+        yerr = [0.0 if r[4] is None else r[4] for r in rows]
+        ax.errorbar([r[1] for r in rows], [r[3] for r in rows], xerr=xerr, yerr=yerr, fmt="o", capsize=3, label=model)
+        for r in rows:
+            ax.annotate(r[0], (r[1], r[3]), textcoords="offset points", xytext=(4, 4), fontsize="small")
+    name = METRIC_NAMES[metric]
+    ax.set_xlabel(f"target ({summary['target']}) test {name}")
+    ax.set_ylabel(f"mean auxiliary test {name} ({', '.join(summary['tasks'][1:])})")
+    ax.legend(fontsize="small")
+    ax.set_title("target versus auxiliary tasks (error bars: sd over seeds)")
+    return _save(fig, out, f"tradeoff_{metric}")
+
+
+# --- entry point ---------------------------------------------------------------------------------
+def plot(source: Path, out: Path, metric: str = "auc") -> tuple[list[Path], list[str]]:
+    """Write the figures of a run or a compare directory into ``out``. Returns (files, notes)."""
+    source = Path(source)
+    if metric not in METRIC_NAMES:
+        raise UserError(f"--metric must be one of {', '.join(METRIC_NAMES)}, not {metric!r}")
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise UserError("mtrec plot needs matplotlib: pip install 'mtrec[plot]'") from None
+    if (source / "compare.json").exists():
+        return _plot_compare(source, Path(out), metric), []
+    if (source / "config.json").exists():
+        return _plot_run(source, Path(out))
+    raise UserError(f"{source} is neither a run directory (config.json) nor a compare directory (compare.json)")
+
+
+def _plot_run(run: Path, out: Path) -> tuple[list[Path], list[str]]:
+    if not (run / "metrics.jsonl").exists() or not read_jsonl(run / "metrics.jsonl"):
+        raise UserError(f"{run} has no metrics.jsonl yet: plot after its first epoch")
+    diag_path = run / "diagnostics.jsonl"
+    diagnostics = read_jsonl(diag_path) if diag_path.exists() else []
+    if not diagnostics:
+        raise UserError(f"{run} has no gradient diagnostics ({diag_path.name} missing or empty): train with "
+                        "--diagnostics-every N (N > 0) and a model with shared parameters")
+    history = read_jsonl(run / "metrics.jsonl")
+    tasks = json.loads((run / "config.json").read_text())["tasks"]
+    out.mkdir(parents=True, exist_ok=True)
+    panels = {METRIC_NAMES[m]: validation_series(history, m) for m in METRIC_NAMES}
+    panels = {k: v for k, v in panels.items() if any(np.isfinite(y).any() for _, y in v.values())}
+    written = _figure_lines(panels, "epoch", "validation metrics per task", out, "valid_metrics")
+    notes = []
+    losses = train_loss_series(history)
+    if losses is None:
+        notes.append("metrics.jsonl holds no training loss per task: no train_loss figure")
+    else:
+        written += _figure_lines({"training loss": losses}, "epoch", "mean training loss per task", out, "train_loss")
+    scope = diagnostics[0].get("scope", "?")
+    if len(tasks) > 1:
+        written += _figure_norm_ratios(*norm_ratio_series(diagnostics), tasks, scope, out)
+        written += _figure_cosines(*cosine_series(diagnostics), tasks, scope, out)
+    return written, notes
+
+
+def _plot_compare(directory: Path, out: Path, metric: str) -> list[Path]:
+    from mtrec.compare import summarize
+
+    summary = summarize(directory)
+    if not any(group["seeds"] for group in summary["groups"]):
+        raise UserError(f"{directory} has no evaluated cell yet: run mtrec compare first")
+    out.mkdir(parents=True, exist_ok=True)
+    written = _figure_intervals(interval_series(summary, metric), metric, summary["baseline"], out)
+    if len(summary["tasks"]) > 1:
+        written += _figure_tradeoff(tradeoff_points(summary, metric), summary, metric, out)
+    return written

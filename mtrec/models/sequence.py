@@ -16,12 +16,11 @@ into one, padding masked:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
-
-from mtrec.models.layers import StackedMLP
 
 POOLINGS = ("mean", "sum", "attention")
 ATTENTION_HIDDEN = 36  # DIN's activation unit uses a small MLP; 36 as in its public configs
@@ -44,6 +43,34 @@ class SequenceField:
     target: int | None = None
 
 
+class TargetAttention(nn.Module):
+    """DIN's activation unit ``MLP([h, t, h - t, h * t]) -> weight``, one hidden ReLU layer.
+
+    The first layer is applied without building the ``[B, L, 4d]`` concatenation: with
+    ``W = [W_h; W_t; W_d; W_p]``, ``[h, t, h-t, h*t] W = h (W_h + W_d) + t (W_t - W_d) + (h*t) W_p``,
+    and the target's term is computed once per row instead of once per element (on CPU at L = 50
+    this cut the attention unit's share of a Shared-Bottom step by about half).
+    """
+
+    def __init__(self, dim: int, hidden: int = ATTENTION_HIDDEN):
+        super().__init__()
+        self.w1 = nn.Parameter(torch.empty(4 * dim, hidden))
+        self.b1 = nn.Parameter(torch.empty(hidden))
+        self.w2 = nn.Parameter(torch.empty(hidden, 1))
+        self.b2 = nn.Parameter(torch.empty(1))
+        for w, b in ((self.w1, self.b1), (self.w2, self.b2)):
+            bound = 1.0 / math.sqrt(w.shape[0])  # nn.Linear's fan-in init
+            nn.init.uniform_(w, -bound, bound)
+            nn.init.uniform_(b, -bound, bound)
+
+    def forward(self, history: Tensor, target: Tensor) -> Tensor:
+        """history ``[B, L, d]``, target ``[B, d]`` -> weights ``[B, L, 1]``."""
+        w_h, w_t, w_d, w_p = self.w1.to(history.dtype).chunk(4, dim=0)
+        per_row = (target @ (w_t - w_d) + self.b1.to(history.dtype)).unsqueeze(1)  # [B, 1, H]
+        hidden = torch.relu(history @ (w_h + w_d) + (history * target.unsqueeze(1)) @ w_p + per_row)
+        return hidden @ self.w2.to(history.dtype) + self.b2.to(history.dtype)
+
+
 class SequencePooling(nn.Module):
     """``(e [B, F + sum(L), d], codes) -> [B, F + S, d]``: categorical fields kept, each sequence pooled."""
 
@@ -61,8 +88,7 @@ class SequencePooling(nn.Module):
             begin += s.length
         self.starts = starts
         self.attention = nn.ModuleDict({
-            str(k): StackedMLP(1, [4 * dim, ATTENTION_HIDDEN, 1], last_activation=False)
-            for k, s in enumerate(self.sequences) if s.pooling == "attention"})
+            str(k): TargetAttention(dim) for k, s in enumerate(self.sequences) if s.pooling == "attention"})
 
     def forward(self, e: Tensor, codes: Tensor) -> Tensor:
         if not self.sequences:
@@ -73,9 +99,7 @@ class SequencePooling(nn.Module):
             history = e[:, begin:begin + s.length]  # [B, L, d]
             mask = (codes[:, begin:begin + s.length] != 0).unsqueeze(-1).to(history.dtype)  # [B, L, 1]
             if s.pooling == "attention":
-                target = e[:, s.target].unsqueeze(1).expand_as(history)
-                unit = torch.cat([history, target, history - target, history * target], dim=-1)
-                weights = self.attention[str(k)](unit.flatten(0, 1)).view(*history.shape[:2], 1)
+                weights = self.attention[str(k)](history, e[:, s.target])
                 pooled = (weights * mask * history).sum(1)
             elif s.pooling == "sum":
                 pooled = (mask * history).sum(1)

@@ -92,8 +92,8 @@ def test_attention_is_dins_unnormalised_weighted_sum():
                 continue
             h = e[b, 3 + j]
             unit = torch.cat([h, target, h - target, h * target])
-            hidden = torch.relu(unit @ mlp.weights[0][0] + mlp.biases[0][0])
-            weight = hidden @ mlp.weights[1][0] + mlp.biases[1][0]
+            hidden = torch.relu(unit @ mlp.w1 + mlp.b1)
+            weight = hidden @ mlp.w2 + mlp.b2
             expected = expected + weight * h
         torch.testing.assert_close(pooled[b, 3], expected, rtol=1e-5, atol=1e-6)
 

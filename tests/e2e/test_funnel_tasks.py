@@ -138,3 +138,14 @@ def test_esmm_ctcvr_ranks_impressions_at_least_as_well_as_a_plain_task(funnel, t
     # Measured (bench/quality_recsys.py esmm, 200k rows, seeds 0-2, 2-core CPU): ESMM CTCVR test AUC
     # 0.8728 ± 0.0011 vs the plain task 0.8689 ± 0.0016, ESMM ahead on every seed.
     assert metrics["ctcvr"]["auc"] >= _test_auc(plain, "share") - 0.005
+
+
+@pytest.mark.parametrize("balancer, scope", [("metabalance", "shared"), ("gradcraft", "all"),
+                                             ("pcgrad", "representation"), ("uw", None)])
+def test_esmm_trains_with_gradient_balancers_in_every_scope(funnel, tmp_path, balancer, scope):
+    args = ["--balancer", balancer] + (["--balance-scope", scope] if scope else [])
+    code, out = invoke("train", funnel / "data", "--model", "esmm", "--target", "share", "--tasks", "share,click",
+                       "--condition", "share:click", *args, *SMALL, "--epochs", "1", "--out", tmp_path / "run")
+    assert code == 0, out
+    metrics = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])["valid"]
+    assert metrics["ctcvr"]["auc"] > 0.7  # well above chance after one epoch on 32k rows

@@ -67,3 +67,34 @@ def test_predict_on_the_raw_log_gives_what_evaluate_scores(runs, tmp_path):
     test_rows = np.sort(np.argsort(raw["ts"].to_numpy(), kind="stable")[-10_000:])  # the time split's test part
     auc = roc_auc_score(raw["click"].to_numpy()[test_rows], preds["p_click"].to_numpy()[test_rows])
     assert auc == pytest.approx(_test_metrics(runs / "run-with")["click"]["auc"], abs=1e-6)
+
+
+def test_unseen_ids_and_history_elements_score_as_oov(runs, tmp_path):
+    import torch
+
+    from mtrec.data.encode import OOV, encode
+    from mtrec.data.schema import Schema
+    from mtrec.data.tensors import frame_to_split
+    from mtrec.evaluate import load_run
+    from mtrec.train import feature_names
+
+    raw = pl.read_parquet(runs / "log.parquet").head(300).drop("click", "like", "share")
+    known = int(raw["item_id"][0])
+    raw = raw.with_columns(pl.lit(-5, pl.Int64).alias("item_id"),
+                           pl.lit([-7, known, -9], pl.List(pl.Int64)).alias("hist_items"))
+    raw.write_parquet(tmp_path / "new.parquet")
+    invoke("predict", runs / "run-with", "--raw", tmp_path / "new.parquet", "--out", tmp_path / "p.parquet",
+           "--device", "cpu")
+    preds = pl.read_parquet(tmp_path / "p.parquet")
+    schema = Schema.load(runs / "with")
+    encoded = encode(raw, schema, runs / "with" / "vocab", labels=[])
+    assert (encoded["item_id"] == OOV).all()
+    hist = encoded["hist_items"].to_numpy()
+    item_vocab = pl.read_parquet(runs / "with" / "vocab" / "item_id.parquet")
+    known_code = item_vocab.filter(pl.col("value") == known)["code"][0]
+    assert (hist[:, :3] == [OOV, known_code, OOV]).all() and (hist[:, 3:] == 0).all()
+    model, cfg, tasks, _ = load_run(runs / "run-with")
+    split = frame_to_split(encoded, *feature_names(schema), [])
+    with torch.no_grad():
+        expected = torch.sigmoid(model(split.codes, split.numeric))[:, tasks.index("click")].numpy()
+    np.testing.assert_allclose(preds["p_click"].to_numpy(), expected, rtol=1e-6, atol=1e-7)

@@ -21,10 +21,12 @@ def _say(line: str) -> None:
     err_console.print(line, markup=False, highlight=False, soft_wrap=True)
 
 
-def _train_options() -> set[str]:
-    """The option names of ``mtrec train`` (read from the command itself, so new flags pass)."""
+def _train_options() -> dict[str, bool]:
+    """{option of ``mtrec train``: whether it takes a value}, read from the command itself, so
+    flags added to train pass through compare without a change here."""
     train = typer.main.get_command(app).commands["train"]
-    return {opt for param in train.params for opt in param.opts if opt.startswith("--")}
+    return {opt: not getattr(param, "is_flag", False) for param in train.params for opt in param.opts
+            if opt.startswith("--")}
 
 
 def _seeds(text: str) -> list[int]:

@@ -66,13 +66,14 @@ class Grid:
 
 # --- the grid on disk ----------------------------------------------------------------------------
 def make_grid(data: str, models: list[str], balancer_names: list[str], seeds: list[int], baseline: str | None,
-              train_args: list[str], train_options: set[str]) -> Grid:
+              train_args: list[str], train_options: dict[str, bool]) -> Grid:
     """The requested grid, checked before anything runs: known models and balancers, no repeats,
     a baseline among the balancers (default: ew when compared, else the first), valid train flags."""
     from mtrec import balancers as registry
 
     if not (Path(data) / "schema.json").exists():
-        raise UserError(f"{data} is not a directory made by mtrec preprocess (no schema.json)")
+        raise UserError(f"{data} is not a directory made by mtrec preprocess (no schema.json); "
+                        "DATA comes first, then the flags")
     for what, items, known in (("model", models, MODELS), ("balancer", balancer_names, registry.names())):
         if not items:
             raise UserError(f"no {what}s to compare: pass --{what}s a,b")
@@ -116,17 +117,25 @@ def merge_grid(out: Path, requested: Grid) -> Grid:
                 requested.baseline)
 
 
-def check_train_args(train_args: list[str], train_options: set[str]) -> None:
-    """Every ``--flag`` passed through must be a flag of ``mtrec train`` that compare does not own."""
+def check_train_args(train_args: list[str], train_options: dict[str, bool]) -> None:
+    """Every ``--flag`` passed through must be a flag of ``mtrec train`` that compare does not own,
+    and every other token the value of the flag before it. ``train_options``: {flag: takes a value}."""
+    expect_value = False
     for token in train_args:
-        if not token.startswith("--"):
+        if expect_value:
+            expect_value = False
             continue
+        if not token.startswith("--"):
+            raise UserError(f"unexpected argument {token!r}: DATA comes first, then the flags, each with its value")
         flag = token.split("=", 1)[0]
         if flag in OWN_FLAGS:
             raise UserError(f"{flag} is set by compare for each cell: use {OWN_FLAGS[flag]} instead")
         if flag not in train_options:
             raise UserError(f"unknown flag {flag}: compare passes only flags of mtrec train to the cells "
                             "(see mtrec train --help)")
+        expect_value = train_options[flag] and "=" not in token
+    if expect_value:
+        raise UserError(f"{train_args[-1]} needs a value")
 
 
 def threads_per_job(jobs: int, cores: int | None = None, limit: int | None = None) -> int:
@@ -359,7 +368,8 @@ def read_cell(cell_dir: Path) -> dict | None:
     if not path.exists():
         return None
     result = json.loads(path.read_text())
-    records = [json.loads(line) for line in (cell_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    log = cell_dir / "metrics.jsonl"
+    records = [json.loads(line) for line in log.read_text().splitlines() if line.strip()] if log.exists() else []
     speeds = [r["samples_per_second"] for r in records]
     return {"tasks": result["tasks"], "target": result["target"], "metrics": result["metrics"],
             "samples_per_second": float(np.mean(speeds)) if speeds else None,

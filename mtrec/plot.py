@@ -79,6 +79,21 @@ def interval_series(summary: dict, metric: str) -> dict[str, dict[str, list[tupl
     return series
 
 
+def diff_series(summary: dict, metric: str) -> dict[str, dict[str, list[tuple]]]:
+    """{task: {model: [(balancer, mean, lo, hi)]}}: the paired difference to the baseline (same model
+    and seed) with its 95% t interval, as in the summary; the baseline itself is left out, and so
+    is a balancer with one paired seed (no interval)."""
+    series = {}
+    for task in summary["tasks"]:
+        series[task] = {}
+        for group in summary["groups"]:
+            diff = group["tasks"][task][metric].get("diff")
+            if diff and diff["lo"] is not None:
+                series[task].setdefault(group["model"], []).append(
+                    (group["balancer"], diff["mean"], diff["lo"], diff["hi"]))
+    return series
+
+
 def tradeoff_points(summary: dict, metric: str) -> dict[str, list[tuple]]:
     """{model: [(balancer, target mean, target sd, auxiliary mean, auxiliary sd)]} over seeds, where
     a seed's auxiliary value is the mean of its auxiliary tasks' test metric (sd: None for one seed)."""
@@ -124,12 +139,15 @@ def _save(fig, out: Path, name: str) -> list[Path]:
 
 
 def _figure_lines(series_by_panel: dict[str, dict], xlabel: str, title: str, out: Path, name: str) -> list[Path]:
+    from matplotlib.ticker import MaxNLocator
+
     fig, axes = _new_figure(len(series_by_panel))
     for ax, (panel, series) in zip(axes, series_by_panel.items()):
         for label, (x, y) in series.items():
             ax.plot(x, y, marker="o", label=label)
         ax.set_title(panel)
         ax.set_xlabel(xlabel)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.legend(fontsize="small")
     fig.suptitle(title)
     return _save(fig, out, name)
@@ -165,7 +183,7 @@ def _figure_cosines(steps, pairs, cosines, tasks, scope, out: Path) -> list[Path
     return _save(fig, out, "grad_cosine")
 
 
-def _figure_intervals(series: dict, metric: str, baseline: str, out: Path) -> list[Path]:
+def _figure_intervals(series: dict, metric: str, title: str, out: Path, name: str, zero_line: bool = False) -> list[Path]:
     fig, axes = _new_figure(len(series))
     for ax, (task, by_model) in zip(axes, series.items()):
         models = list(by_model)
@@ -176,11 +194,13 @@ def _figure_intervals(series: dict, metric: str, baseline: str, out: Path) -> li
             errors = np.array([[p[1] - p[2] for p in points], [p[3] - p[1] for p in points]])
             ax.errorbar(x, means, yerr=errors, fmt="o", capsize=3, label=model)
             ax.set_xticks(np.arange(len(points)), [p[0] for p in points], rotation=45, ha="right")
+        if zero_line:
+            ax.axhline(0.0, color="grey", linewidth=0.8, linestyle=":")
         ax.set_title(task)
-        ax.set_ylabel(f"test {METRIC_NAMES[metric]}")
+        ax.set_ylabel(("Δ " if zero_line else "") + f"test {METRIC_NAMES[metric]}")
         ax.legend(fontsize="small")
-    fig.suptitle(f"test {METRIC_NAMES[metric]}: mean over seeds, 95% t interval (baseline {baseline})")
-    return _save(fig, out, f"compare_{metric}")
+    fig.suptitle(title)
+    return _save(fig, out, name)
 
 
 def _figure_tradeoff(points: dict, summary: dict, metric: str, out: Path) -> list[Path]:
@@ -250,7 +270,13 @@ def _plot_compare(directory: Path, out: Path, metric: str) -> list[Path]:
     if not any(group["seeds"] for group in summary["groups"]):
         raise UserError(f"{directory} has no evaluated cell yet: run mtrec compare first")
     out.mkdir(parents=True, exist_ok=True)
-    written = _figure_intervals(interval_series(summary, metric), metric, summary["baseline"], out)
+    name, baseline = METRIC_NAMES[metric], summary["baseline"]
+    written = _figure_intervals(interval_series(summary, metric), metric,
+                                f"test {name}: mean over seeds with its 95% t interval", out, f"compare_{metric}")
+    diffs = diff_series(summary, metric)
+    if any(diffs.values()):
+        written += _figure_intervals(diffs, metric, f"test {name} minus {baseline}'s (same model and seed): mean "
+                                     "with its 95% paired t interval", out, f"compare_{metric}_diff", zero_line=True)
     if len(summary["tasks"]) > 1:
         written += _figure_tradeoff(tradeoff_points(summary, metric), summary, metric, out)
     return written

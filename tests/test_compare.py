@@ -127,19 +127,25 @@ def test_grid_rules(tmp_path):
     data = tmp_path / "data"
     data.mkdir()
     (data / "schema.json").write_text("{}")
-    options = {"--target", "--epochs", "--lr", "--model", "--seed"}
+    options = {"--target": True, "--epochs": True, "--lr": True, "--model": True, "--seed": True, "--force": False,
+               "--balancer-opt": True}
 
     def grid(balancers="ew,pcgrad", models="mmoe", baseline=None, args=()):
         return compare.make_grid(str(data), models.split(","), balancers.split(","), [1, 2], baseline, list(args), options)
 
     assert grid().baseline == "ew" and grid("pcgrad,mgda").baseline == "pcgrad"
+    passed = ["--epochs", "2", "--lr=1e-3", "--balancer-opt", "alpha=1", "--balancer-opt", "beta=2", "--target", "x"]
+    assert grid(args=passed).train_args == passed
     for kwargs, needle in [({"balancers": "ew,nosuch"}, "unknown balancer 'nosuch'"),
                            ({"models": "mmoe,transformer"}, "unknown model"),
                            ({"balancers": "ew,ew"}, "twice"),
                            ({"baseline": "mgda"}, "--baseline mgda must be one of"),
                            ({"args": ["--seed", "3"]}, "use --seeds"),
                            ({"args": ["--model=ple"]}, "use --models"),
-                           ({"args": ["--epochs", "1", "--no-such-flag", "2"]}, "unknown flag --no-such-flag")]:
+                           ({"args": ["--epochs", "1", "--no-such-flag", "2"]}, "unknown flag --no-such-flag"),
+                           ({"args": ["--epochs", "1", "data2"]}, "unexpected argument 'data2': DATA comes first"),
+                           ({"args": ["--lr=1e-3", "--epochs"]}, "--epochs needs a value"),
+                           ({"args": ["--force"]}, "use a new --out")]:
         with pytest.raises(UserError, match=needle):
             grid(**kwargs)
     with pytest.raises(UserError, match="no schema.json"):

@@ -115,9 +115,21 @@ def test_compare_series_equal_the_summary_and_figures_are_written(tmp_path):
             aux = [np.mean([cells[(model, balancer, s)]["metrics"][t]["auc"] for t in TASKS[1:]]) for s in (1, 2, 3)]
             assert (x, x_sd) == (pytest.approx(np.mean(target)), pytest.approx(np.std(target, ddof=1)))
             assert (y, y_sd) == (pytest.approx(np.mean(aux)), pytest.approx(np.std(aux, ddof=1)))
+    diffs = plot.diff_series(summary, "auc")
+    groups = {(g["model"], g["balancer"]): g for g in summary["groups"]}
+    for task in TASKS:
+        for model in ("mmoe", "ple"):
+            assert [p[0] for p in diffs[task][model]] == ["pcgrad", "gradcraft"]  # not the baseline
+            for balancer, mean, lo, hi in diffs[task][model]:
+                a = [cells[(model, balancer, s)]["metrics"][task]["auc"] for s in (1, 2, 3)]
+                b = [cells[(model, "ew", s)]["metrics"][task]["auc"] for s in (1, 2, 3)]
+                ci = stats.ttest_rel(a, b).confidence_interval(0.95)
+                assert (mean, lo, hi) == (pytest.approx(np.mean(a) - np.mean(b)), pytest.approx(ci.low),
+                                          pytest.approx(ci.high))
+                assert groups[(model, balancer)]["tasks"][task]["auc"]["diff"]["lo"] == lo
     written, _ = plot.plot(tmp_path / "cmp", tmp_path / "figs")
-    assert len(written) == 4
-    assert_figures(tmp_path / "figs", ["compare_auc", "tradeoff_auc"])
+    assert len(written) == 6
+    assert_figures(tmp_path / "figs", ["compare_auc", "compare_auc_diff", "tradeoff_auc"])
 
 
 def test_plot_errors_are_one_line(tmp_path):

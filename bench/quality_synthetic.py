@@ -33,8 +33,9 @@ def run_grid(data: Path, workdir: Path, model: str, balancers: list[str], seeds:
                               diagnostics_every=0, patience=epochs)
             result = train(cfg, force=True, quiet=True)
             test = evaluate_run(out, split="test", device=cfg.device)["metrics"][target]["auc"]
-            results.setdefault(name, []).append((result["best_valid_auc"], test))
-            print(f"{name:12s} seed {seed}: valid AUC {result['best_valid_auc']:.4f}  test AUC {test:.4f}", flush=True)
+            valid = result["best_score"]  # cfg.select is auc: the best epoch's target validation AUC
+            results.setdefault(name, []).append((valid, test))
+            print(f"{name:12s} seed {seed}: valid AUC {valid:.4f}  test AUC {test:.4f}", flush=True)
     return results
 
 

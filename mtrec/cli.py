@@ -14,7 +14,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from mtrec.errors import UserError
+from mtrec.errors import TrainingInterrupted, UserError
 from mtrec.report import console, err_console, metrics_table, render_preprocess, simple_table
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -34,8 +34,6 @@ def command(name: str | None = None):
     def decorate(fn):
         @functools.wraps(fn)
         def run(*args, **kwargs):
-            from mtrec.train import TrainingInterrupted
-
             try:
                 return fn(*args, **kwargs)
             except UserError as err:
@@ -117,9 +115,10 @@ def preprocess(
 
 @command()
 def train(
+    ctx: typer.Context,
     data: Annotated[Optional[str], typer.Argument(help="Directory made by mtrec preprocess.")] = None,
     model: Annotated[Optional[str], typer.Option(help="single, shared-bottom, mmoe or ple.")] = None,
-    target: Annotated[Optional[str], typer.Option(help="Target task (task 0; early stopping uses its AUC).")] = None,
+    target: Annotated[Optional[str], typer.Option(help="Target task (task 0; --select and early stopping use it).")] = None,
     tasks: Annotated[Optional[str], typer.Option(help="Comma-separated tasks (default: every label).")] = None,
     balancer: Annotated[Optional[str], typer.Option(help="Balancer name (see mtrec balancers).")] = None,
     balancer_opt: Annotated[Optional[list[str]], typer.Option(help="Balancer hyperparameter key=value (repeat).")] = None,
@@ -134,6 +133,13 @@ def train(
     device: Annotated[Optional[str], typer.Option(help="auto, cpu or cuda.")] = None,
     precision: Annotated[Optional[str], typer.Option(help="auto (bf16 on CUDA), fp32 or bf16.")] = None,
     patience: Annotated[Optional[int], typer.Option(help="Early-stopping patience in epochs.")] = None,
+    lr_schedule: Annotated[Optional[str], typer.Option(
+        help="constant, cosine or linear (decay towards 0 over all planned steps, after the warmup).")] = None,
+    warmup_steps: Annotated[Optional[int], typer.Option(help="Steps of linear learning-rate warmup (0: none).")] = None,
+    clip_grad: Annotated[Optional[float], typer.Option(
+        help="Clip the global norm of the applied gradients, after balancing (0: off).")] = None,
+    select: Annotated[Optional[str], typer.Option(
+        help="Target-task validation metric for best.pt and early stopping: auc, gauc or logloss.")] = None,
     embedding_dim: Annotated[Optional[int], typer.Option(help="Embedding width.")] = None,
     experts: Annotated[Optional[int], typer.Option(help="MMoE experts.")] = None,
     levels: Annotated[Optional[int], typer.Option(help="PLE levels (1 = CGC).")] = None,
@@ -160,8 +166,7 @@ def train(
 
     if resume:
         values = _saved_config(resume)
-        if device:
-            values["device"] = device
+        values.update(_resume_changes(ctx))
     else:
         values = read_toml(config) if config else {}
         flags = dict(data=data, model=model, target=target, balancer=balancer, scope=balance_scope, epochs=epochs,
@@ -171,7 +176,8 @@ def train(
                      levels=levels, max_bad_steps=max_bad_steps, checkpoint_every=checkpoint_every, out=out,
                      shared_experts=shared_experts, task_experts=task_experts, dropout=dropout, ndcg_k=ndcg_k,
                      diagnostics_every=diagnostics_every, data_placement=data_placement, expert_sizes=_int_list(expert_sizes, "--expert-sizes"),
-                     tower_sizes=_int_list(tower_sizes, "--tower-sizes"))
+                     tower_sizes=_int_list(tower_sizes, "--tower-sizes"), lr_schedule=lr_schedule,
+                     warmup_steps=warmup_steps, clip_grad=clip_grad, select=select)
         values.update({k: v for k, v in flags.items() if v is not None})
         if tasks:
             values["tasks"] = _split_list(tasks)
@@ -185,9 +191,15 @@ def train(
 
     if not is_main_process():
         return
-    if result["history"]:
-        best = result["history"][max(result["best_epoch"] - 1, 0)]["valid"]
-        console.print(metrics_table(best, f"best validation (epoch {result['best_epoch']})", cfg.ndcg_k))
+    if result["history"] and result["best_epoch"] >= 1:
+        best = result["history"][result["best_epoch"] - 1]["valid"]
+        console.print(metrics_table(best, f"best validation (epoch {result['best_epoch']}, by {cfg.select})",
+                                    cfg.ndcg_k))
+    elif result["history"]:
+        err_console.print(f"warning: no epoch gave a defined validation {cfg.select} for {cfg.target}, so there "
+                          "is no best.pt; showing the last epoch", markup=False, highlight=False, soft_wrap=True)
+        last = result["history"][-1]
+        console.print(metrics_table(last["valid"], f"last validation (epoch {last['epoch']})", cfg.ndcg_k))
     console.print(f"run saved in {result['run_dir']}  (evaluate: mtrec evaluate {result['run_dir']})")
 
 
@@ -200,12 +212,28 @@ def _int_list(text: Optional[str], flag: str) -> Optional[list[int]]:
         raise UserError(f"{flag} expects comma-separated integers like 256,128, got {text!r}") from err
 
 
+# What --resume may change: none of it alters what the saved state means.
+RESUMABLE = ("epochs", "patience", "device", "checkpoint_every", "max_bad_steps")
+
+
+def _resume_changes(ctx: typer.Context) -> dict:
+    """The resumable settings given on the command line; any other flag is refused, in one line."""
+    given = [name for name in ctx.params if name not in ("resume", "quiet")
+             and getattr(ctx.get_parameter_source(name), "name", None) == "COMMANDLINE"]
+    refused = [name for name in given if name not in RESUMABLE]
+    if refused:
+        flag = {"data": "DATA", "balance_scope": "--balance-scope"}
+        names = ", ".join(flag.get(n, "--" + n.replace("_", "-")) for n in refused)
+        allowed = ", ".join("--" + n.replace("_", "-") for n in RESUMABLE)
+        raise UserError(f"--resume continues the saved run as it was configured, so {names} cannot change: only "
+                        f"{allowed} and --quiet can (start a new run to change the rest)")
+    return {name: ctx.params[name] for name in given}
+
+
 def _saved_config(run_dir: str) -> dict:
-    path = Path(run_dir) / "config.json"
-    if not path.exists():
-        raise UserError(f"cannot resume {run_dir}: no config.json there (is it a run directory of mtrec train?)")
-    values = json.loads(path.read_text())
-    values.pop("mtrec_version", None)
+    from mtrec.config import read_run_config
+
+    values = read_run_config(run_dir)
     values.setdefault("embedding_optimizer", "adam")  # runs from before the flag updated tables densely
     values["out"] = str(run_dir)
     return values

@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 import tomllib
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from mtrec.errors import UserError
+from mtrec.report import err_console
+
+SCHEDULES = ("constant", "cosine", "linear")
+SELECT_METRICS = ("auc", "gauc", "logloss")
 
 
 @dataclass
@@ -26,6 +33,10 @@ class TrainConfig:
     batch_size: int = 2048
     lr: float = 1e-3
     weight_decay: float = 0.0
+    lr_schedule: str = "constant"  # constant, cosine or linear decay to 0 over epochs x steps, after warmup
+    warmup_steps: int = 0  # lr rises linearly from lr / warmup_steps to lr over the first steps
+    clip_grad: float = 0.0  # max global norm of the applied gradients, after balancing (0: off)
+    select: str = "auc"  # target-task validation metric for early stopping and best.pt: auc, gauc or logloss
     embedding_optimizer: str = "lazy-adam"  # lazy-adam, rowwise-adagrad (sparse rows) or adam (dense)
     seed: int = 0
     device: str = "auto"
@@ -54,6 +65,10 @@ class TrainConfig:
             (self.weight_decay >= 0, "--weight-decay must be >= 0"),
             (self.embedding_optimizer in ("lazy-adam", "rowwise-adagrad", "adam"),
              f"--embedding-optimizer must be lazy-adam, rowwise-adagrad or adam, not {self.embedding_optimizer!r}"),
+            (self.lr_schedule in SCHEDULES, f"--lr-schedule must be {', '.join(SCHEDULES)}, not {self.lr_schedule!r}"),
+            (self.warmup_steps >= 0, "--warmup-steps must be >= 0"),
+            (self.clip_grad >= 0, "--clip-grad must be >= 0 (0 turns clipping off)"),
+            (self.select in SELECT_METRICS, f"--select must be {', '.join(SELECT_METRICS)}, not {self.select!r}"),
             (self.patience >= 1, "--patience must be at least 1"),
             (self.embedding_dim >= 1, "--embedding-dim must be at least 1"),
             (0 <= self.dropout < 1, "--dropout must be in [0, 1)"),
@@ -85,7 +100,38 @@ class TrainConfig:
         unknown = sorted(set(values) - known)
         if unknown:
             raise UserError(f"unknown config key(s) {', '.join(unknown)}: valid keys are {', '.join(sorted(known))}")
-        return cls(**values)
+        types = typing.get_type_hints(cls)
+        return cls(**{key: _typed(key, value, types[key]) for key, value in values.items()})
+
+
+def _typed(key: str, value: Any, kind: Any) -> Any:
+    """``value`` checked against the field's annotation (an int is a float; a bool is no number)."""
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if origin is list:
+        if isinstance(value, list) and all(_is(v, args[0]) for v in value):
+            return [float(v) if args[0] is float else v for v in value]
+        wanted = f"a list of {_NAMES[args[0]][1]}"
+    elif origin is dict:
+        if isinstance(value, dict):
+            return value
+        wanted = "a table of key = value"
+    else:
+        if _is(value, kind):
+            return float(value) if kind is float else value
+        wanted = _NAMES[kind][0]
+    raise UserError(f"config key {key} must be {wanted}, got {value!r} ({type(value).__name__})")
+
+
+_NAMES = {int: ("an integer", "integers"), float: ("a number", "numbers"), str: ("a string", "strings"),
+          bool: ("true or false", "booleans")}
+
+
+def _is(value: Any, kind: type) -> bool:
+    if kind is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, kind)
 
 
 def read_toml(path: str | Path) -> dict[str, Any]:
@@ -100,6 +146,27 @@ def read_toml(path: str | Path) -> dict[str, Any]:
     for key in ("data", "out"):
         if key in values and not Path(values[key]).is_absolute():
             values[key] = str((path.parent / values[key]).resolve())
+    return values
+
+
+def read_run_config(run_dir: str | Path) -> dict[str, Any]:
+    """The saved ``config.json`` of a run, with ``out`` = ``run_dir`` (wherever it is now). When the
+    data is no longer at its saved path but where it was relative to the run directory (both
+    moved together), that path is used, with a warning."""
+    run_dir = Path(run_dir)
+    path = run_dir / "config.json"
+    if not path.is_file():
+        raise UserError(f"{run_dir} is not a run directory of mtrec train (no config.json): pass the --out of a run")
+    values = json.loads(path.read_text())
+    values.pop("mtrec_version", None)
+    data, saved_out = values.get("data", ""), values.get("out", "")
+    if data and saved_out and not Path(data).exists():
+        moved = (run_dir / os.path.relpath(data, saved_out)).resolve()
+        if (moved / "schema.json").exists():
+            err_console.print(f"warning: the run's data is not at {data} any more; using {moved} (where it was "
+                              "relative to the run directory)", markup=False, highlight=False, soft_wrap=True)
+            values["data"] = str(moved)
+    values["out"] = str(run_dir.resolve())
     return values
 
 

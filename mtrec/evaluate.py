@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 from pathlib import Path
@@ -13,28 +12,30 @@ import torch
 from mtrec import checkpoint, metrics
 from mtrec.data.tensors import Split, eval_batches, fits_on_device, frame_to_split, load_split
 from mtrec.errors import UserError
+from mtrec.report import err_console
 
 
 @torch.no_grad()
-def predict(model, split: Split, batch_size: int, autocast_dtype=None) -> torch.Tensor:
-    """Logits ``[N, T]`` in fp32 on the split's device."""
+def predict(model, split: Split, batch_size: int) -> torch.Tensor:
+    """Logits ``[N, T]`` computed in fp32 on the model's device, whatever precision training used:
+    bf16 logits keep 8 significant bits, so scores tie by the thousand and AUC, GAUC, NDCG, early
+    stopping and best.pt would be quantised and differ between GPU and CPU (docs/design.md)."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device  # a host-resident split is copied batch by batch
-    ctx = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
     out = []
-    with ctx:
+    with torch.autocast(device.type, enabled=False):
         for codes, numeric in eval_batches(split, batch_size):
             out.append(model(codes.to(device), numeric.to(device)).float())
     model.train(was_training)
     return torch.cat(out)
 
 
-def split_metrics(model, split: Split, objective, batch_size: int, k: int, autocast_dtype=None) -> dict:
+def split_metrics(model, split: Split, objective, batch_size: int, k: int) -> dict:
     """{column: {auc, gauc, logloss, ndcg, positive_rate, n, condition}} in task order (conditional
     tasks over the rows where their condition holds; ESMM adds ``ctcvr``), plus the mean over the
     tasks. ``objective``: a ``mtrec.objective.Objective`` (which tasks, which conditions)."""
-    logits = predict(model, split, batch_size, autocast_dtype)
+    logits = predict(model, split, batch_size)
     users = None if split.users is None else split.users.to(logits.device)
     per_task = {}
     for column in objective.columns(logits, split.labels.to(logits.device)):
@@ -59,20 +60,18 @@ def _mean(values):
 
 def load_run(run_dir: str | Path, which: str = "best", device: str = "cpu"):
     """Rebuild the model of a run from its config and checkpoint. Returns (model, cfg, tasks, schema)."""
-    from mtrec.config import TrainConfig
+    from mtrec.config import TrainConfig, read_run_config
     from mtrec.data.schema import Schema
     from mtrec.train import build_for
 
     run_dir = Path(run_dir)
-    config_path = run_dir / "config.json"
-    if not config_path.exists():
-        raise UserError(f"{run_dir} is not a run directory (no config.json): pass the --out of mtrec train")
-    config = json.loads(config_path.read_text())
-    config.pop("mtrec_version", None)
-    cfg = TrainConfig.from_dict(config)
+    cfg = TrainConfig.from_dict(read_run_config(run_dir))
     tasks = cfg.tasks
     path = run_dir / f"{which}.pt"
-    if not path.exists() and which == "best":
+    if not path.exists() and which == "best" and (run_dir / "last.pt").exists():
+        # No epoch improved the selection metric (or the run stopped before the first epoch end).
+        err_console.print(f"warning: {run_dir} has no best.pt (no epoch improved the validation {cfg.select}); "
+                          "using last.pt", markup=False, highlight=False, soft_wrap=True)
         path = run_dir / "last.pt"
     state, meta = checkpoint.load(path, map_location=device)
     schema = Schema.from_dict(json.loads((run_dir / "schema.json").read_text()))
@@ -87,7 +86,7 @@ def load_run(run_dir: str | Path, which: str = "best", device: str = "cpu"):
 def evaluate_run(run_dir: str | Path, data: str | None = None, raw: str | None = None, split: str = "test",
                  device: str = "auto", which: str = "best") -> dict:
     from mtrec.data.schema import Schema
-    from mtrec.train import autocast_dtype, feature_names, objective_for, resolve_device
+    from mtrec.train import feature_names, objective_for, resolve_device
 
     dev = resolve_device(device)
     model, cfg, tasks, run_schema = load_run(run_dir, which, dev)
@@ -121,7 +120,7 @@ def evaluate_run(run_dir: str | Path, data: str | None = None, raw: str | None =
     objective = objective_for(cfg, tasks)
     if raw is not None:
         objective.unscored = {t for t in tasks if t not in present}
-    result = split_metrics(model, part, objective, cfg.eval_batch_size, cfg.ndcg_k, autocast_dtype(cfg, dev))
+    result = split_metrics(model, part, objective, cfg.eval_batch_size, cfg.ndcg_k)
     return {"run": str(run_dir), "data": label, "tasks": tasks, "target": tasks[0], "ndcg_k": cfg.ndcg_k,
             "metrics": result}
 

@@ -54,7 +54,7 @@ def simple_table(title: str, columns: list[str], rows: list[list]) -> Table:
 
 
 class TrainProgress:
-    """A progress bar per epoch with samples/s, running loss per task and skipped steps."""
+    """A progress bar per epoch with samples/s, running loss per task, skipped and clipped steps."""
 
     def __init__(self, tasks: list[str], quiet: bool = False):
         self.tasks = tasks
@@ -76,11 +76,12 @@ class TrainProgress:
         self.bar = self.progress.add_task(f"epoch {epoch + 1}", total=steps, completed=done, info="")
         self.started, self.samples = time.perf_counter(), 0
 
-    def update(self, steps: int, samples: int, mean_losses: list[float], bad_steps: int) -> None:
+    def update(self, steps: int, samples: int, mean_losses: list[float], bad_steps: int, clipped_steps: int = 0) -> None:
         self.samples += samples
         rate = self.samples / max(time.perf_counter() - self.started, 1e-9)
         losses = " ".join(f"{t}={v:.4f}" for t, v in zip(self.tasks, mean_losses))
-        info = f"{rate:,.0f} samples/s  {losses}" + (f"  skipped={bad_steps}" if bad_steps else "")
+        info = (f"{rate:,.0f} samples/s  {losses}" + (f"  skipped={bad_steps}" if bad_steps else "")
+                + (f"  clipped={clipped_steps}" if clipped_steps else ""))
         self.progress.update(self.bar, advance=steps, info=info)
 
     @property

@@ -7,6 +7,7 @@ cosines per shared tensor, every ``diagnostics_every`` steps), ``best.pt`` and `
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import shutil
@@ -20,21 +21,14 @@ from mtrec import balancers, checkpoint, distributed
 from mtrec.config import TrainConfig
 from mtrec.data.schema import Schema
 from mtrec.data.tensors import Split, batches, epoch_permutation, fits_on_device, host_batches, load_split
-from mtrec.errors import UserError
+from mtrec.errors import TrainingInterrupted, UserError
 from mtrec.evaluate import split_metrics
 from mtrec.models import ModelConfig, SequenceField, SingleTask, build as build_model
 from mtrec.objective import Objective, parse_conditions
 from mtrec.optim import build_optimizer
 from mtrec.report import TrainProgress, console
+from mtrec.schedule import improves, lr_factor, set_lr
 from mtrec.step import SCOPES, Stepper
-
-
-class TrainingInterrupted(Exception):
-    """Ctrl-C: a checkpoint was saved after the current step."""
-
-    def __init__(self, run_dir: Path):
-        super().__init__(str(run_dir))
-        self.run_dir = run_dir
 
 
 @dataclass
@@ -42,11 +36,12 @@ class LoopState:
     epoch: int = 0
     step: int = 0  # batches done in the current epoch
     global_step: int = 0
-    best_auc: float = -math.inf
+    best_score: float | None = None  # the best validation value of cfg.select on the target task
     best_epoch: int = -1
     since_best: int = 0
     bad_streak: int = 0
     bad_total: int = 0
+    clipped_total: int = 0  # steps whose gradients --clip-grad scaled down
     finished: bool = False
     history: list[dict] = field(default_factory=list)
 
@@ -145,17 +140,21 @@ def autocast_dtype(cfg: TrainConfig, device: torch.device):
 
 class Trainer:
     def __init__(self, cfg: TrainConfig, resume: bool = False, force: bool = False, quiet: bool = False):
-        self.cfg = cfg.validate()
-        self.run_dir = Path(cfg.out)
         if not cfg.out:
             raise UserError("--out is required: the run directory to create")
+        # Absolute paths in config.json: evaluate, predict and --resume must not depend on the cwd.
+        cfg = self.cfg = dataclasses.replace(cfg.validate(), data=str(Path(cfg.data).resolve()),
+                                             out=str(Path(cfg.out).resolve()))
+        self.run_dir = Path(cfg.out)
         if resume:
             if not (self.run_dir / "last.pt").exists():
                 raise UserError(f"nothing to resume in {self.run_dir}: no last.pt (start a new run without --resume)")
-        elif self.run_dir.exists() and any(self.run_dir.iterdir()) and not force:
-            raise UserError(f"run directory {self.run_dir} exists: pass --force to overwrite or --resume to continue")
+        else:
+            check_run_dir(self.run_dir, Path(cfg.data), force)
         self.schema = Schema.load(cfg.data)
         self.tasks = resolve_tasks(self.schema, cfg.target, cfg.tasks)
+        if cfg.select == "gauc" and not self.schema.user:
+            raise UserError("--select gauc needs a user column: preprocess with --user, or select auc or logloss")
         self.objective = objective_for(cfg, self.tasks)
         if self.schema.positive_rate.get(self.tasks[0], 1.0) <= 0.0:
             raise UserError(f"the target task {self.tasks[0]!r} has no positive in the train split: "
@@ -198,7 +197,7 @@ class Trainer:
             torch.backends.cudnn.allow_tf32 = True
         self.optimizer = make_optimizer(self.model, self.balancer, cfg, self.device)
         self.stepper = Stepper(self.model, self.balancer, self.optimizer, self.scope, self.device,
-                               autocast_dtype(cfg, self.device), self.objective)
+                               autocast_dtype(cfg, self.device), self.objective, clip_grad=cfg.clip_grad)
         self.stepper.group = self.group
         self.state = LoopState()
         self.stop_requested = False
@@ -210,9 +209,10 @@ class Trainer:
             if self.run_dir.exists():
                 shutil.rmtree(self.run_dir)
             self.run_dir.mkdir(parents=True)
+            checkpoint.atomic_write_text(self.run_dir / "schema.json", json.dumps(self.schema.to_dict(), indent=2))
+        if self.main:  # on resume too: --epochs, --patience ... may have changed
             config = {**cfg.to_dict(), "tasks": self.tasks, "scope": self.scope, "mtrec_version": 1}
             checkpoint.atomic_write_text(self.run_dir / "config.json", json.dumps(config, indent=2))
-            checkpoint.atomic_write_text(self.run_dir / "schema.json", json.dumps(self.schema.to_dict(), indent=2))
 
     # --- checkpoints ------------------------------------------------------------------------
     def _state(self) -> dict:
@@ -225,14 +225,25 @@ class Trainer:
     def _meta(self) -> dict:
         s = self.state
         return {"format": "mtrec-checkpoint", "version": 1, "tasks": self.tasks, "epoch": s.epoch,
-                "step": s.step, "global_step": s.global_step, "best_auc": s.best_auc, "best_epoch": s.best_epoch,
-                "since_best": s.since_best, "bad_total": s.bad_total, "finished": s.finished,
+                "step": s.step, "global_step": s.global_step, "best_score": s.best_score, "best_epoch": s.best_epoch,
+                "since_best": s.since_best, "bad_total": s.bad_total, "clipped_total": s.clipped_total,
+                "finished": s.finished,
                 "history": s.history, "config": self.cfg.to_dict(), "scope": self.scope}
 
     def save(self, name: str) -> None:
+        self._count_clipped()
         if not self.main:
             return
+        if not bool(torch.stack([torch.isfinite(p).all() for p in self.model.parameters()]).all()):
+            raise UserError(f"the model's parameters are no longer finite: {name} was not overwritten, the last good "
+                            f"checkpoint is {self.run_dir / 'last.pt'} (lower --lr or set --clip-grad)")
         checkpoint.save(self.run_dir / name, self._state(), self._meta())
+
+    def _count_clipped(self) -> None:
+        """Move the stepper's device-side count of clipped steps into the loop state (a host sync)."""
+        if self.cfg.clip_grad:
+            self.state.clipped_total += int(self.stepper.clipped.item())
+            self.stepper.clipped.zero_()
 
     def _restore(self, path: Path) -> None:
         state, meta = checkpoint.load(path, map_location=self.device)
@@ -249,6 +260,8 @@ class Trainer:
             torch.cuda.set_rng_state(state["rng_cuda"].cpu(), self.device)
         fields = LoopState.__dataclass_fields__
         self.state = LoopState(**{k: meta[k] for k in fields if k in meta and k not in ("bad_streak",)})
+        # More --epochs or a larger --patience on resume can reopen a finished run.
+        self.state.finished = self.state.since_best >= self.cfg.patience or self.state.epoch >= self.cfg.epochs
 
     # --- the loop ---------------------------------------------------------------------------
     def run(self) -> dict:
@@ -260,8 +273,8 @@ class Trainer:
                     self._epoch(progress)
         finally:
             signal.signal(signal.SIGINT, previous)
-        return {"best_epoch": s.best_epoch, "best_valid_auc": s.best_auc, "history": s.history,
-                "skipped_steps": s.bad_total, "run_dir": str(self.run_dir)}
+        return {"best_epoch": s.best_epoch, "select": cfg.select, "best_score": s.best_score, "history": s.history,
+                "skipped_steps": s.bad_total, "clipped_steps": s.clipped_total, "run_dir": str(self.run_dir)}
 
     def _on_sigint(self, signum, frame) -> None:
         self.stop_requested = True
@@ -285,6 +298,7 @@ class Trainer:
                                              and s.global_step % cfg.diagnostics_every == 0)
             if shard:
                 self.stepper.share = labels.shape[0] / min(cfg.batch_size, n - s.step * cfg.batch_size)
+            set_lr(self.optimizer, lr_factor(cfg.lr_schedule, cfg.warmup_steps, s.global_step, cfg.epochs * steps))
             losses = self.stepper.step(codes, numeric, labels)
             s.step += 1
             s.global_step += 1
@@ -305,7 +319,8 @@ class Trainer:
                 self._log_diagnostics(diag_path)
             if pending_steps >= 20 or s.step == steps:
                 means = (loss_sum / max(good, 1)).tolist()  # host sync only every 20 steps
-                progress.update(pending_steps, pending_samples, means, s.bad_total)
+                self._count_clipped()
+                progress.update(pending_steps, pending_samples, means, s.bad_total, s.clipped_total)
                 pending_steps, pending_samples = 0, 0
                 if self.group:  # ranks agree on Ctrl-C here, so none waits in an all-reduce alone
                     flag = torch.tensor([float(self.stop_requested)], device=self.device)
@@ -328,17 +343,18 @@ class Trainer:
 
     def _end_epoch(self, samples_per_second: float) -> None:
         cfg, s = self.cfg, self.state
-        metrics = split_metrics(self.model, self.valid_split, self.objective, cfg.eval_batch_size, cfg.ndcg_k,
-                                autocast_dtype(cfg, self.device))
+        metrics = split_metrics(self.model, self.valid_split, self.objective, cfg.eval_batch_size, cfg.ndcg_k)
+        self._count_clipped()
         target_auc = metrics[self.tasks[0]]["auc"]
+        score = metrics[self.tasks[0]][cfg.select]
         record = {"epoch": s.epoch + 1, "step": s.global_step, "samples_per_second": samples_per_second,
-                  "skipped_steps": s.bad_total, "valid": metrics}
+                  "skipped_steps": s.bad_total, "clipped_steps": s.clipped_total, "valid": metrics}
         s.history.append(record)
         s.epoch += 1
         s.step = 0
-        improved = not math.isnan(target_auc) and target_auc > s.best_auc
+        improved = improves(cfg.select, score, s.best_score)
         if improved:
-            s.best_auc, s.best_epoch, s.since_best = target_auc, s.epoch, 0
+            s.best_score, s.best_epoch, s.since_best = score, s.epoch, 0
         else:
             s.since_best += 1
         if s.since_best >= cfg.patience or s.epoch >= cfg.epochs:
@@ -352,8 +368,31 @@ class Trainer:
         if not self.quiet:
             aux = "  ".join(f"{t} {metrics[t]['auc']:.4f}" for t in self.tasks[1:])
             mark = " *" if improved else ""
+            selected = "" if cfg.select == "auc" or score is None else f" ({cfg.select} {score:.4f})"
+            counts = ", ".join(f"{what} steps: {n}" for what, n in (("skipped", s.bad_total),
+                                                                    ("clipped", s.clipped_total)) if n)
             console.print(f"epoch {s.epoch}: {samples_per_second:,.0f} samples/s, valid AUC {self.tasks[0]} "
-                          f"{target_auc:.4f}{mark}  {aux}" + (f"  (skipped steps: {s.bad_total})" if s.bad_total else ""))
+                          f"{target_auc:.4f}{selected}{mark}  {aux}" + (f"  ({counts})" if counts else ""))
+
+
+def check_run_dir(out: Path, data: Path, force: bool) -> None:
+    """A new run may only replace (with --force) what mtrec train made: never the data, a parent of
+    it, a file, or a non-empty folder without a config.json."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise UserError(f"--out {out} is a file, not a run directory: choose another --out")
+    if not any(out.iterdir()):
+        return
+    if not force:
+        raise UserError(f"run directory {out} exists: pass --force to overwrite or --resume to continue")
+    data = data.resolve()
+    if out.resolve() == data or out.resolve() in data.parents:
+        raise UserError(f"--out {out} is the data directory or holds it: --force would delete the data; "
+                        "choose another --out")
+    if not (out / "config.json").exists():
+        raise UserError(f"--out {out} is not an mtrec run directory (no config.json) and not empty: --force only "
+                        "replaces runs of mtrec train; choose another --out")
 
 
 def train(cfg: TrainConfig, resume: bool = False, force: bool = False, quiet: bool = False) -> dict:

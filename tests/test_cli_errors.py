@@ -134,7 +134,20 @@ TRAIN_CASES = {
                                                "--target", "share"], ["positive"]),
     "single with gradient balancer": (lambda w, t: [w / "data", "--model", "single", "--balancer", "pcgrad"],
                                       ["single"]),
+    "config value is a string": (lambda w, t: _toml(t, w, 'seed = "3"'), ["seed", "integer", "'3'"]),
+    "config list is a number": (lambda w, t: _toml(t, w, "expert_sizes = 256"), ["expert_sizes", "list"]),
+    "config number is a bool": (lambda w, t: _toml(t, w, "lr = true"), ["lr", "number"]),
+    "unknown lr schedule": (lambda w, t: [w / "data", "--lr-schedule", "step"], ["--lr-schedule", "cosine"]),
+    "negative clip": (lambda w, t: [w / "data", "--clip-grad", "-1"], ["--clip-grad"]),
+    "unknown select metric": (lambda w, t: [w / "data", "--select", "ndcg"], ["--select", "logloss"]),
+    "select gauc without users": (lambda w, t: [_fake_data(w, t, lambda s, d: s.update(user=None)), "--select",
+                                                "gauc"], ["--select gauc", "--user"]),
 }
+
+
+def _toml(tmp_path, world, line):
+    (tmp_path / "bad.toml").write_text(f'data = "{world / "data"}"\n{line}\n')
+    return ["--config", tmp_path / "bad.toml"]
 
 
 def _plain_dir(tmp_path):

@@ -1,0 +1,158 @@
+"""What users expect of a trainer: the lr schedule, clipping in the loop, the selection metric, and
+a run directory that is safe to --force, to resume with other flags, and to move."""
+
+import json
+import math
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from mtrec import checkpoint
+from mtrec.cli import app
+from mtrec.config import TrainConfig
+from mtrec.errors import UserError
+from mtrec.schedule import improves, lr_factor
+from mtrec.train import Trainer
+
+SMALL = dict(target="like", batch_size=256, embedding_dim=4, expert_sizes=[16, 8], tower_sizes=[8], seed=2,
+             diagnostics_every=0)
+
+
+@pytest.fixture(scope="module")
+def data_dir(encoded_synthetic):
+    return encoded_synthetic("features", rows=4000, seed=7) / "data"
+
+
+def invoke(*args):
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    return result.exit_code, result.output + (result.stderr if result.stderr not in result.output else "")
+
+
+def test_lr_factor_by_hand():
+    # Warmup of 4: 1/4, 2/4, 3/4, then the decay over the remaining 10 - 4 = 6 steps.
+    assert [lr_factor("constant", 4, s, 10) for s in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+    assert [lr_factor("linear", 4, s, 10) for s in (4, 7, 9)] == [1.0, 0.5, pytest.approx(1 / 6)]
+    assert lr_factor("cosine", 4, 7, 10) == pytest.approx(0.5)  # half way: cos(pi / 2) = 0
+    assert lr_factor("cosine", 0, 9, 10) == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.9)))
+    assert lr_factor("linear", 0, 50, 10) == 0.0  # past the planned steps (more epochs on resume)
+
+
+def test_improves_follows_the_metric_direction():
+    assert improves("auc", 0.7, 0.6) and not improves("auc", 0.6, 0.7)
+    assert improves("logloss", 0.3, 0.4) and not improves("logloss", 0.4, 0.3)
+    assert improves("gauc", 0.5, None) and not improves("auc", float("nan"), None) and not improves("auc", None, 0.5)
+
+
+def test_schedule_reaches_every_group_and_clipping_is_counted(data_dir, tmp_path):
+    cfg = TrainConfig(data=str(data_dir), out=str(tmp_path / "run"), epochs=2, lr=0.01, lr_schedule="linear",
+                      warmup_steps=5, clip_grad=1e-3, balancer="uw", **SMALL)
+    trainer = Trainer(cfg, quiet=True)
+    result = trainer.run()
+    steps = math.ceil(len(trainer.train_split) / cfg.batch_size)
+    last = lr_factor("linear", 5, 2 * steps - 1, 2 * steps)
+    groups = trainer.optimizer.param_groups
+    assert len(groups) >= 2  # the model's and UW's log-variances
+    assert all(g["lr"] == pytest.approx(0.01 * last) and g["initial_lr"] == 0.01 for g in groups)
+    # A norm of 1e-3 is far below any real gradient norm here: every applied step was clipped.
+    assert result["clipped_steps"] == 2 * steps
+    records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["clipped_steps"] for r in records] == [steps, 2 * steps]
+
+
+def test_select_logloss_keeps_the_epoch_with_the_lowest_target_logloss(data_dir, tmp_path):
+    cfg = TrainConfig(data=str(data_dir), out=str(tmp_path / "run"), epochs=3, patience=3, lr=0.02,
+                      select="logloss", **SMALL)
+    result = Trainer(cfg, quiet=True).run()
+    losses = [r["valid"]["like"]["logloss"] for r in result["history"]]
+    assert result["best_epoch"] == losses.index(min(losses)) + 1
+    assert result["best_score"] == min(losses)
+    _, meta = checkpoint.load(tmp_path / "run" / "best.pt")
+    assert meta["epoch"] == result["best_epoch"]
+
+
+def test_save_refuses_non_finite_parameters(data_dir, tmp_path):
+    cfg = TrainConfig(data=str(data_dir), out=str(tmp_path / "run"), epochs=1, **SMALL)
+    trainer = Trainer(cfg, quiet=True)
+    trainer.save("last.pt")
+    before = (tmp_path / "run" / "last.pt").read_bytes()
+    with torch.no_grad():
+        trainer.model.shared_parameters()[0][0, 0] = float("nan")
+    with pytest.raises(UserError, match="no longer finite"):
+        trainer.save("last.pt")
+    assert (tmp_path / "run" / "last.pt").read_bytes() == before
+
+
+def test_force_never_removes_the_data_or_a_foreign_folder(data_dir, tmp_path):
+    base = ["train", "--target", "like", "--epochs", "1", "--quiet", "--force"]
+    copy = tmp_path / "data"
+    shutil.copytree(data_dir, copy)
+    for out, needle in ((copy, "data directory"), (tmp_path, "data directory")):
+        code, output = invoke(*base[:1], copy, *base[1:], "--out", out)
+        assert code == 2 and needle in output and "Traceback" not in output, output
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep")
+    code, output = invoke("train", copy, *base[1:], "--out", foreign)
+    assert code == 2 and "not an mtrec run directory" in output, output
+    assert (foreign / "notes.txt").read_text() == "keep" and (copy / "schema.json").exists()
+
+
+def test_resume_honours_safe_flags_and_refuses_the_rest(data_dir, tmp_path):
+    run = tmp_path / "run"
+    code, output = invoke("train", data_dir, "--target", "like", "--epochs", "1", "--batch-size", "512",
+                          "--embedding-dim", "4", "--quiet", "--out", run)
+    assert code == 0, output
+    code, output = invoke("train", "--resume", run, "--epochs", "2", "--lr", "0.1", "--quiet")
+    assert code == 2 and "--lr" in output and "--epochs" in output and "Traceback" not in output, output
+    code, output = invoke("train", "--resume", run, "--epochs", "2", "--patience", "4", "--quiet")
+    assert code == 0, output
+    assert [json.loads(x)["epoch"] for x in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    saved = json.loads((run / "config.json").read_text())
+    assert saved["epochs"] == 2 and saved["patience"] == 4 and saved["lr"] == 1e-3
+
+
+def test_config_holds_absolute_paths_and_a_moved_run_finds_its_data(data_dir, tmp_path, monkeypatch):
+    project = tmp_path / "project"
+    shutil.copytree(data_dir, project / "data")
+    monkeypatch.chdir(project)
+    code, output = invoke("train", "data", "--target", "like", "--epochs", "1", "--batch-size", "512",
+                          "--embedding-dim", "4", "--quiet", "--out", "runs/a")
+    assert code == 0, output
+    saved = json.loads((project / "runs" / "a" / "config.json").read_text())
+    assert saved["data"] == str(project / "data") and saved["out"] == str(project / "runs" / "a")
+    monkeypatch.chdir(tmp_path)
+    shutil.move(project, tmp_path / "moved")
+    code, output = invoke("evaluate", tmp_path / "moved" / "runs" / "a", "--device", "cpu", "--json")
+    assert code == 0 and "not at" in output, output
+
+
+def test_missing_best_checkpoint_falls_back_to_last_with_a_warning(data_dir, tmp_path):
+    run = tmp_path / "run"
+    code, output = invoke("train", data_dir, "--target", "like", "--epochs", "1", "--embedding-dim", "4",
+                          "--quiet", "--out", run)
+    assert code == 0, output
+    (run / "best.pt").unlink()
+    code, output = invoke("evaluate", run, "--device", "cpu")
+    assert code == 0 and "no best.pt" in output and "using last.pt" in output, output
+
+
+def test_synth_and_preprocess_do_not_import_torch(tmp_path):
+    script = f"""
+import sys
+from typer.testing import CliRunner
+from mtrec.cli import app
+log, out = {str(tmp_path / 'log.parquet')!r}, {str(tmp_path / 'data')!r}
+for args in (["synth", "--out", log, "--rows", "500"],
+             ["preprocess", log, "--labels", "click,like", "--user", "user_id", "--time", "ts", "--out", out]):
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+print(sorted(m for m in sys.modules if m == "torch" or m.startswith("torch.")))
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"
+    assert (tmp_path / "data" / "schema.json").exists()

@@ -33,6 +33,7 @@ LOWER_IS_BETTER = {"auc": False, "gauc": False, "logloss": True}
 OWN_FLAGS = {"--model": "--models", "--balancer": "--balancers", "--seed": "--seeds", "--out": "--out",
              "--resume": "a re-run of the same compare command", "--force": "a new --out directory",
              "--quiet": "nothing (cells always run quietly)"}
+ACTIVITY = {"train": "training", "resume": "resuming", "evaluate": "evaluating"}
 SETTINGS_FILE = "compare.json"
 LOG_DIR = "logs"
 
@@ -141,7 +142,9 @@ def check_train_args(train_args: list[str], train_options: dict[str, bool]) -> N
 def threads_per_job(jobs: int, cores: int | None = None, limit: int | None = None) -> int:
     """Torch threads for each of ``jobs`` concurrent cells: the cores divided between them, at least
     one, and never more than an OMP_NUM_THREADS the user already set (``limit``)."""
-    cores = cores or len(os.sched_getaffinity(0))
+    if not cores:
+        affinity = getattr(os, "sched_getaffinity", None)  # Linux: the CPUs this process may use
+        cores = len(affinity(0)) if affinity else os.cpu_count() or 1
     threads = max(1, cores // jobs)
     return min(threads, limit) if limit else threads
 
@@ -288,7 +291,7 @@ def run_grid(grid: Grid, out: Path, jobs: int = 1, say=print) -> dict[str, int]:
         try:
             while queue and len(running) < jobs and not stopping:
                 cell, phase, state = queue.pop(0)
-                say(f"{cell.name}: {'resuming' if phase == 'resume' else phase + 'ing'}")
+                say(f"{cell.name}: {ACTIVITY[phase]}")
                 start(cell, phase, state)
             for job in list(running):
                 code = job.proc.poll()

@@ -110,15 +110,26 @@ def render_summary(summary: dict) -> None:
 @command("plot")
 def plot(
     source: Annotated[Path, typer.Argument(help="A run directory (mtrec train) or a compare directory (mtrec compare).")],
-    out: Annotated[Path, typer.Option(help="Folder for the figures (PNG and SVG).")],
+    out: Annotated[Optional[Path], typer.Option(help="Folder for the figures (PNG and SVG).")] = None,
     metric: Annotated[str, typer.Option(help="Metric of the compare figures: auc, gauc or logloss.")] = "auc",
+    tensorboard: Annotated[Optional[Path], typer.Option(
+        help="Also write the logged scalars as TensorBoard events here (a compare directory: one run per cell).")] = None,
 ):
     """Figures of a run (validation metrics, gradient norm ratios and cosines over steps) or of a
     compare directory (metric per balancer with its interval, target-versus-auxiliary trade-off)."""
     from mtrec import plot as figures
 
-    written, notes = figures.plot(source, out, metric=metric)
-    for note in notes:
-        _say(note)
-    for path in written:
-        console.print(f"wrote {path}")
+    if out is None and tensorboard is None:
+        raise UserError("pass --out FIGDIR for the figures (and/or --tensorboard DIR for TensorBoard events)")
+    if tensorboard is not None:
+        from mtrec.tensorboard_events import export
+
+        for run, count in export(source, tensorboard):
+            console.print(f"wrote {count} scalars of {run} as TensorBoard events")
+        console.print(f"view them with: tensorboard --logdir {tensorboard}")
+    if out is not None:
+        written, notes = figures.plot(source, out, metric=metric)
+        for note in notes:
+            _say(note)
+        for path in written:
+            console.print(f"wrote {path}")

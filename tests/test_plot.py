@@ -163,3 +163,34 @@ def test_plot_of_a_real_run(encoded_synthetic, tmp_path):
     steps, ratios = plot.norm_ratio_series(diagnostics)
     norms = np.array(diagnostics[-1]["norms"])
     assert steps[-1] == diagnostics[-1]["step"] and np.allclose(ratios[:, :, -1], norms[:, 1:] / norms[:, :1])
+
+
+def test_tensorboard_events_hold_the_logged_scalars(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    history, diagnostics = fake_run(tmp_path / "run", train_loss=True)
+    result = CliRunner().invoke(app, ["plot", str(tmp_path / "run"), "--tensorboard", str(tmp_path / "tb")])
+    assert result.exit_code == 0, result.output
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+
+    def scalars(tag):
+        return [(e.step, e.value) for e in events.Scalars(tag)]
+
+    for task in TASKS:
+        assert scalars(f"valid_auc/{task}") == [(r["step"], pytest.approx(r["valid"][task]["auc"], rel=1e-6))
+                                                 for r in history]
+        assert scalars(f"train_loss/{task}") == [(r["step"], pytest.approx(r["train_loss"][task], rel=1e-6))
+                                                  for r in history]
+    assert "valid_gauc/share" not in events.Tags()["scalars"]  # never logged (None)
+    steps, ratios = plot.norm_ratio_series(diagnostics)
+    _, pairs, cosines = plot.cosine_series(diagnostics)
+    ratio = [(s, v) for s, v in zip(steps.tolist(), ratios[1, 1]) if np.isfinite(v)]
+    assert scalars("grad_norm_ratio/tensor1/share") == [(s, pytest.approx(v, rel=1e-6)) for s, v in ratio]
+    assert scalars("grad_cosine/tensor0/click-share") == [(s, pytest.approx(v, rel=1e-6, abs=1e-7))
+                                                          for s, v in zip(steps.tolist(), cosines[0, 2])]
+    assert len(scalars("grad_norm_ratio/tensor0/click")) == len(diagnostics) - 1  # the target's norm was 0 once
+    # Events are never appended to an earlier export.
+    result = CliRunner().invoke(app, ["plot", str(tmp_path / "run"), "--tensorboard", str(tmp_path / "tb")])
+    assert result.exit_code == 2 and "holds TensorBoard events already" in result.output

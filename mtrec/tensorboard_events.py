@@ -1,0 +1,107 @@
+"""TensorBoard events with the scalars of a run's metrics.jsonl and diagnostics.jsonl.
+
+One writer for every path, so the tags are the same wherever the events come from: ``mtrec plot
+RUN|DIR --tensorboard TBDIR`` replays a run's logs (a compare directory: one TensorBoard run per
+cell, ``TBDIR/<cell>``), and a trainer can call ``EventLog.epoch`` / ``EventLog.diagnostics`` with
+each record as it logs it.
+The x axis is the global step. Tags:
+
+- ``valid_<metric>/<task>`` (auc, gauc, logloss, ndcg) and ``train/samples_per_second``,
+  ``train/skipped_steps`` per epoch; ``train_loss/<task>`` when the records carry ``train_loss``;
+- ``grad_norm/tensor<k>/<task>``, ``grad_norm_ratio/tensor<k>/<task>`` (auxiliary over target) and
+  ``grad_cosine/tensor<k>/<task>-<task>`` per diagnostics step.
+
+Needs the ``tensorboard`` package (``pip install 'mtrec[tensorboard]'``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from mtrec.errors import UserError
+from mtrec.plot import cosine_series, norm_ratio_series, read_jsonl
+
+VALID_METRICS = ("auc", "gauc", "logloss", "ndcg")
+
+
+class EventLog:
+    def __init__(self, log_dir: str | Path, tasks: list[str]):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise UserError("TensorBoard events need the tensorboard package: pip install 'mtrec[tensorboard]'") from None
+        self.tasks = list(tasks)
+        self.writer = SummaryWriter(log_dir=str(log_dir))
+        self.count = 0
+
+    def _scalar(self, tag: str, value, step: int) -> None:
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            return
+        self.writer.add_scalar(tag, float(value), step)
+        self.count += 1
+
+    def epoch(self, record: dict) -> None:
+        """One metrics.jsonl record: validation metrics per task, speed, skipped steps, train loss."""
+        step = record["step"]
+        for task in self.tasks:
+            for metric in VALID_METRICS:
+                self._scalar(f"valid_{metric}/{task}", record["valid"][task].get(metric), step)
+            if isinstance(record.get("train_loss"), dict):
+                self._scalar(f"train_loss/{task}", record["train_loss"].get(task), step)
+        self._scalar("train/samples_per_second", record.get("samples_per_second"), step)
+        self._scalar("train/skipped_steps", record.get("skipped_steps"), step)
+
+    def diagnostics(self, record: dict) -> None:
+        """One diagnostics.jsonl record: per shared tensor, norms, norm ratios and pairwise cosines."""
+        step = record["step"]
+        _, ratios = norm_ratio_series([record])
+        _, pairs, cosines = cosine_series([record])
+        for k, norms in enumerate(record["norms"]):
+            for t, task in enumerate(self.tasks):
+                self._scalar(f"grad_norm/tensor{k}/{task}", norms[t], step)
+                if t > 0:
+                    self._scalar(f"grad_norm_ratio/tensor{k}/{task}", ratios[k, t - 1, 0], step)
+            for p, (i, j) in enumerate(pairs):
+                self._scalar(f"grad_cosine/tensor{k}/{self.tasks[i]}-{self.tasks[j]}", cosines[k, p, 0], step)
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def export_run(run_dir: str | Path, log_dir: str | Path) -> int:
+    """Write a run's logged scalars as TensorBoard events into an empty ``log_dir``. Returns how
+    many scalars were written."""
+    run_dir, log_dir = Path(run_dir), Path(log_dir)
+    if not (run_dir / "metrics.jsonl").exists():
+        raise UserError(f"{run_dir} has no metrics.jsonl yet: export after its first epoch")
+    if log_dir.exists() and any(log_dir.glob("events.out.tfevents.*")):
+        raise UserError(f"{log_dir} holds TensorBoard events already: choose an empty folder")
+    tasks = json.loads((run_dir / "config.json").read_text())["tasks"]
+    log = EventLog(log_dir, tasks)
+    try:
+        for record in read_jsonl(run_dir / "metrics.jsonl"):
+            log.epoch(record)
+        if (run_dir / "diagnostics.jsonl").exists():
+            for record in read_jsonl(run_dir / "diagnostics.jsonl"):
+                log.diagnostics(record)
+    finally:
+        log.close()
+    return log.count
+
+
+def export(source: str | Path, log_dir: str | Path) -> list[tuple[str, int]]:
+    """Export a run, or every trained cell of a compare directory into ``log_dir/<cell>``.
+    Returns [(run, scalars written)]."""
+    source, log_dir = Path(source), Path(log_dir)
+    if (source / "compare.json").exists():
+        from mtrec.compare import load_grid
+
+        cells = [c.name for c in load_grid(source).cells if (source / c.name / "metrics.jsonl").exists()]
+        if not cells:
+            raise UserError(f"{source} has no trained cell yet: run mtrec compare first")
+        return [(str(source / name), export_run(source / name, log_dir / name)) for name in cells]
+    if not (source / "config.json").exists():
+        raise UserError(f"{source} is neither a run directory (config.json) nor a compare directory (compare.json)")
+    return [(str(source), export_run(source, log_dir))]

@@ -1,17 +1,23 @@
 """Acceptance on real data: Census-Income KDD (../shared/data; skipped where absent).
 
 MMoE with EW must reach test AUC >= 0.94 on income (a per-task logistic regression gets 0.949),
-and every registered balancer must train and score sensibly on the same data.
+and every registered balancer must train and score sensibly on the same data. AUC alone cannot
+tell a working balancer from a broken one here: with a balancer that returns zeros (the shared
+experts never move) towers and embeddings still reach 0.941 in scope shared (EW: 0.945; 1 epoch,
+measured), so the test also checks that the shared parameters moved.
 """
 
 from pathlib import Path
 
 import pytest
+import torch
 
 from mtrec import balancers
 from mtrec.config import TrainConfig
+from mtrec import checkpoint
+from mtrec.data.schema import Schema
 from mtrec.evaluate import evaluate_run
-from mtrec.train import train
+from mtrec.train import build_for, train
 
 CENSUS = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "census_income_kdd" / \
     "census_income_kdd_test.parquet"
@@ -47,5 +53,14 @@ def test_every_balancer_trains_on_census(census, tmp_path, name):
                       diagnostics_every=0)
     result = train(cfg, quiet=True)
     auc = result["history"][-1]["valid"][TARGET]["auc"]
-    print(f"{name}: valid AUC {TARGET} {auc:.4f}")
+    torch.manual_seed(cfg.seed)  # the trainer's initial model, rebuilt
+    start, _ = build_for(cfg, Schema.load(census), [TARGET, AUX])
+    trained = checkpoint.load(tmp_path / "run" / "last.pt")[0]["model"]
+    shared = {id(p) for p in start.shared_parameters()}
+    names = [n for n, p in start.named_parameters() if id(p) in shared]
+    initial = dict(start.named_parameters())
+    moved = torch.stack([(trained[n] - initial[n].detach()).norm() for n in names]).norm()
+    scale = torch.stack([initial[n].detach().norm() for n in names]).norm()
+    print(f"{name}: valid AUC {TARGET} {auc:.4f}, shared parameters moved {moved / scale:.3f} of their norm")
     assert auc > 0.93, f"{name} reached only {auc:.4f}"
+    assert moved > 0.5 * scale, f"{name} left the shared parameters (nearly) where they started"

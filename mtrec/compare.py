@@ -26,7 +26,6 @@ import numpy as np
 from mtrec.checkpoint import atomic_write_text
 from mtrec.errors import UserError
 
-MODELS = ("single", "shared-bottom", "mmoe", "ple")
 METRICS = ("auc", "gauc", "logloss")
 LOWER_IS_BETTER = {"auc": False, "gauc": False, "logloss": True}
 # Flags compare sets per cell (or that would break the grid), and what to use instead.
@@ -71,11 +70,12 @@ def make_grid(data: str, models: list[str], balancer_names: list[str], seeds: li
     """The requested grid, checked before anything runs: known models and balancers, no repeats,
     a baseline among the balancers (default: ew when compared, else the first), valid train flags."""
     from mtrec import balancers as registry
+    from mtrec.models import names as model_names
 
     if not (Path(data) / "schema.json").exists():
         raise UserError(f"{data} is not a directory made by mtrec preprocess (no schema.json); "
                         "DATA comes first, then the flags")
-    for what, items, known in (("model", models, MODELS), ("balancer", balancer_names, registry.names())):
+    for what, items, known in (("model", models, model_names()), ("balancer", balancer_names, registry.names())):
         if not items:
             raise UserError(f"no {what}s to compare: pass --{what}s a,b")
         for item in items:
@@ -89,7 +89,9 @@ def make_grid(data: str, models: list[str], balancer_names: list[str], seeds: li
     if baseline not in balancer_names:
         raise UserError(f"--baseline {baseline} must be one of the compared balancers ({', '.join(balancer_names)})")
     check_train_args(train_args, train_options)
-    return Grid(str(data), list(train_args), list(models), list(balancer_names), list(seeds), baseline)
+    # Absolute, so that a re-run from another directory trains new cells on the same data.
+    return Grid(str(Path(data).resolve()), list(train_args), list(models), list(balancer_names), list(seeds),
+                baseline)
 
 
 def load_grid(out: Path) -> Grid:

@@ -117,12 +117,17 @@ def preprocess(
 def train(
     ctx: typer.Context,
     data: Annotated[Optional[str], typer.Argument(help="Directory made by mtrec preprocess.")] = None,
-    model: Annotated[Optional[str], typer.Option(help="single, shared-bottom, mmoe or ple.")] = None,
+    model: Annotated[Optional[str], typer.Option(help="single, shared-bottom, mmoe, ple or esmm.")] = None,
     target: Annotated[Optional[str], typer.Option(help="Target task (task 0; --select and early stopping use it).")] = None,
     tasks: Annotated[Optional[str], typer.Option(help="Comma-separated tasks (default: every label).")] = None,
+    condition: Annotated[Optional[list[str]], typer.Option(
+        help="TASK:GIVEN, e.g. purchase:click: TASK is trained and scored only where GIVEN = 1 (repeat).")] = None,
     balancer: Annotated[Optional[str], typer.Option(help="Balancer name (see mtrec balancers).")] = None,
     balancer_opt: Annotated[Optional[list[str]], typer.Option(help="Balancer hyperparameter key=value (repeat).")] = None,
-    balance_scope: Annotated[Optional[str], typer.Option(help="shared, all or representation.")] = None,
+    balance_scope: Annotated[Optional[str], typer.Option(
+        help="shared, all or representation (default: the balancer's, see mtrec balancers).")] = None,
+    balance_groups: Annotated[Optional[str], typer.Option(
+        help="tensor or part: one group per tensor, or per expert / field (default: the balancer's).")] = None,
     epochs: Annotated[Optional[int], typer.Option(help="Maximum epochs.")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Batch size.")] = None,
     lr: Annotated[Optional[float], typer.Option(help="Adam learning rate.")] = None,
@@ -150,7 +155,11 @@ def train(
     dropout: Annotated[Optional[float], typer.Option(help="Dropout in experts and towers.")] = None,
     ndcg_k: Annotated[Optional[int], typer.Option(help="K of NDCG@K.")] = None,
     data_placement: Annotated[Optional[str], typer.Option(
-        help="device, host, or auto (device when a split takes at most half the free memory).")] = None,
+        help="device, host, stream (row groups from disk, shuffled in a buffer) or auto (stream when the "
+             "train split exceeds --memory-budget, else device when it fits there).")] = None,
+    shuffle_buffer: Annotated[Optional[int], typer.Option(help="Rows shuffled together when streaming.")] = None,
+    memory_budget: Annotated[Optional[float], typer.Option(
+        help="GiB a split may take in memory before auto streams it (default: half the available memory).")] = None,
     diagnostics_every: Annotated[Optional[int], typer.Option(help="Gradient diagnostics every N steps (0: off).")] = None,
     max_bad_steps: Annotated[Optional[int], typer.Option(help="Non-finite steps in a row before stopping.")] = None,
     checkpoint_every: Annotated[Optional[int], typer.Option(help="Save last.pt every N steps (0: epochs only).")] = None,
@@ -169,18 +178,22 @@ def train(
         values.update(_resume_changes(ctx))
     else:
         values = read_toml(config) if config else {}
-        flags = dict(data=data, model=model, target=target, balancer=balancer, scope=balance_scope, epochs=epochs,
+        flags = dict(data=data, model=model, target=target, balancer=balancer, scope=balance_scope,
+                     balance_groups=balance_groups, epochs=epochs,
                      batch_size=batch_size, lr=lr, weight_decay=weight_decay,
                      embedding_optimizer=embedding_optimizer, seed=seed, device=device,
                      precision=precision, patience=patience, embedding_dim=embedding_dim, num_experts=experts,
                      levels=levels, max_bad_steps=max_bad_steps, checkpoint_every=checkpoint_every, out=out,
                      shared_experts=shared_experts, task_experts=task_experts, dropout=dropout, ndcg_k=ndcg_k,
-                     diagnostics_every=diagnostics_every, data_placement=data_placement, expert_sizes=_int_list(expert_sizes, "--expert-sizes"),
+                     diagnostics_every=diagnostics_every, data_placement=data_placement, shuffle_buffer=shuffle_buffer,
+                     memory_budget_gb=memory_budget, expert_sizes=_int_list(expert_sizes, "--expert-sizes"),
                      tower_sizes=_int_list(tower_sizes, "--tower-sizes"), lr_schedule=lr_schedule,
                      warmup_steps=warmup_steps, clip_grad=clip_grad, select=select)
         values.update({k: v for k, v in flags.items() if v is not None})
         if tasks:
             values["tasks"] = _split_list(tasks)
+        if condition:
+            values["conditions"] = list(condition)
         if balancer_opt:
             values["balancer_opts"] = {**values.get("balancer_opts", {}), **dict(parse_opt(o) for o in balancer_opt)}
         if not values.get("data"):
@@ -222,7 +235,7 @@ def _resume_changes(ctx: typer.Context) -> dict:
              and getattr(ctx.get_parameter_source(name), "name", None) == "COMMANDLINE"]
     refused = [name for name in given if name not in RESUMABLE]
     if refused:
-        flag = {"data": "DATA", "balance_scope": "--balance-scope"}
+        flag = {"data": "DATA", "balance_scope": "--balance-scope", "balance_groups": "--balance-groups"}
         names = ", ".join(flag.get(n, "--" + n.replace("_", "-")) for n in refused)
         allowed = ", ".join("--" + n.replace("_", "-") for n in RESUMABLE)
         raise UserError(f"--resume continues the saved run as it was configured, so {names} cannot change: only "
@@ -262,16 +275,44 @@ def evaluate(
                                     result["ndcg_k"]))
 
 
+@command()
+def predict(
+    run_dir: Annotated[str, typer.Argument(help="Run directory made by mtrec train.")],
+    raw: Annotated[list[str], typer.Option(help="Raw Parquet log(s) to score: files, directories or globs (repeat).")],
+    out: Annotated[Path, typer.Option(help="Parquet file to write: the --keep columns and p_<task> per task.")],
+    keep: Annotated[Optional[str], typer.Option(
+        help="Comma-separated input columns to copy (default: the user and item columns).")] = None,
+    checkpoint: Annotated[str, typer.Option(help="best or last.")] = "best",
+    data: Annotated[Optional[str], typer.Option(help="Encoded data directory with the vocabularies (default: the run's).")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    force: Annotated[bool, typer.Option(help="Overwrite an existing --out file.")] = False,
+):
+    """Write the run's probabilities for a raw log (labels not needed), one row per input row, in order."""
+    from mtrec.predict import predict_log
+
+    if checkpoint not in ("best", "last"):
+        raise UserError("--checkpoint must be best or last")
+    result = predict_log(run_dir, raw, out, keep=None if keep is None else _split_list(keep), which=checkpoint,
+                         device=device, data=data, force=force)
+    console.print(f"wrote {result['rows']:,} rows to {result['out']} ({', '.join(result['columns'])})")
+
+
 @command("balancers")
 def list_balancers():
-    """List the registered balancers, what they need, their hyperparameters and papers."""
+    """List the registered balancers: what they need, their default scope and groups (as their papers /
+    official code run them; --balance-scope and --balance-groups override), hyperparameters, papers."""
     from mtrec import balancers as registry
 
     rows = []
     for info in registry.describe():
         hp = ", ".join(f"{k}={v}" for k, v in info["hparams"].items()) or "-"
-        rows.append([info["name"], info["kind"], info["needs"], hp, info["paper"]])
-    console.print(simple_table("balancers", ["name", "kind", "needs", "hyperparameters (defaults)", "paper"], rows))
+        rows.append([info["name"], info["kind"], info["needs"], info["default_scope"], info["default_groups"], hp,
+                     info["paper"]])
+    table = simple_table("balancers", ["name", "kind", "needs", "scope", "groups", "hyperparameters (defaults)",
+                                       "paper"], rows)
+    for i in (0, 1, 3, 4):  # names, kinds, scopes and groups whole, however narrow the terminal
+        table.columns[i].no_wrap, table.columns[i].min_width = True, max(len(str(row[i])) for row in rows)
+    console.print(table)
 
 
 def main() -> None:

@@ -29,6 +29,7 @@ class TrainConfig:
     balancer: str = "ew"
     balancer_opts: dict[str, Any] = field(default_factory=dict)
     scope: str = ""  # empty: the balancer's default scope
+    balance_groups: str = ""  # tensor or part; empty: the balancer's default (mtrec balancers shows it)
     epochs: int = 5
     batch_size: int = 2048
     lr: float = 1e-3
@@ -41,7 +42,9 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
-    data_placement: str = "auto"  # device, host, or auto: device when the split takes <= 50% of free memory
+    data_placement: str = "auto"  # device, host, stream, or auto (docs/design.md, "Training loop")
+    shuffle_buffer: int = 1 << 20  # rows shuffled together when streaming (several row groups)
+    memory_budget_gb: float = 0.0  # auto streams a train split larger than this (0: half the available memory)
     patience: int = 2  # epochs without a better target valid AUC before stopping
     embedding_dim: int = 16
     expert_sizes: list[int] = field(default_factory=lambda: [256, 128])
@@ -68,6 +71,8 @@ class TrainConfig:
             (self.lr_schedule in SCHEDULES, f"--lr-schedule must be {', '.join(SCHEDULES)}, not {self.lr_schedule!r}"),
             (self.warmup_steps >= 0, "--warmup-steps must be >= 0"),
             (self.clip_grad >= 0, "--clip-grad must be >= 0 (0 turns clipping off)"),
+            (self.balance_groups in ("", "tensor", "part"),
+             f"--balance-groups must be tensor or part, not {self.balance_groups!r}"),
             (self.select in SELECT_METRICS, f"--select must be {', '.join(SELECT_METRICS)}, not {self.select!r}"),
             (self.patience >= 1, "--patience must be at least 1"),
             (self.embedding_dim >= 1, "--embedding-dim must be at least 1"),
@@ -80,7 +85,10 @@ class TrainConfig:
             (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
              f"--device must be auto, cpu or cuda, not {self.device!r}"),
             (self.precision in ("auto", "fp32", "bf16"), "--precision must be auto, fp32 or bf16"),
-            (self.data_placement in ("auto", "device", "host"), "--data-placement must be auto, device or host"),
+            (self.data_placement in ("auto", "device", "host", "stream"),
+             "--data-placement must be auto, device, host or stream"),
+            (self.shuffle_buffer >= 1, "--shuffle-buffer must be at least 1 row"),
+            (self.memory_budget_gb >= 0, "--memory-budget must be >= 0 GiB (0: half the available memory)"),
             (self.max_bad_steps >= 1, "--max-bad-steps must be at least 1"),
             (self.eval_batch_size >= 1 and self.ndcg_k >= 1, "eval_batch_size and ndcg_k must be positive"),
             (self.diagnostics_every >= 0 and self.checkpoint_every >= 0,

@@ -10,6 +10,7 @@ import polars as pl
 import torch
 
 from mtrec import checkpoint, metrics
+from mtrec.data.stream import ParquetSplit, available_memory
 from mtrec.data.tensors import Split, eval_batches, fits_on_device, frame_to_split, load_split
 from mtrec.errors import UserError
 from mtrec.report import err_console
@@ -114,9 +115,13 @@ def evaluate_run(run_dir: str | Path, data: str | None = None, raw: str | None =
         if split not in ("train", "valid", "test"):
             raise UserError(f"--split must be train, valid or test, not {split!r}")
         _check_same_schema(run_schema, Schema.load(data_dir), data_dir)
-        part = load_split(data_dir, split, categorical, numeric, tasks)
+        on_disk = ParquetSplit(data_dir / f"{split}.parquet", categorical, numeric, tasks)
+        # a split too large for memory is scored row group by row group (only logits/labels stay)
+        part = (load_split(data_dir, split, categorical, numeric, tasks)
+                if on_disk.nbytes <= available_memory() / 2 else on_disk)
         label = f"{split} split of {data_dir}"
-    part = part.to(dev) if fits_on_device(part, dev) else part  # else copied batch by batch
+    if isinstance(part, Split) and fits_on_device(part, dev):
+        part = part.to(dev)  # else copied batch by batch
     objective = objective_for(cfg, tasks)
     if raw is not None:
         objective.unscored = {t for t in tasks if t not in present}

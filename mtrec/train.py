@@ -8,6 +8,7 @@ cosines per shared tensor, every ``diagnostics_every`` steps), ``best.pt`` and `
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import shutil
@@ -20,6 +21,7 @@ import torch
 from mtrec import balancers, checkpoint, distributed
 from mtrec.config import TrainConfig
 from mtrec.data.schema import Schema
+from mtrec.data.stream import ParquetSplit, available_memory, stream_batches
 from mtrec.data.tensors import Split, batches, epoch_permutation, fits_on_device, host_batches, load_split
 from mtrec.errors import TrainingInterrupted, UserError
 from mtrec.evaluate import split_metrics
@@ -66,6 +68,17 @@ def resolve_tasks(schema: Schema, target: str, tasks: list[str]) -> list[str]:
     if len(set(tasks)) != len(tasks):
         raise UserError("--tasks lists a task twice")
     return [target] + [t for t in tasks if t != target]
+
+
+def data_placement(cfg: TrainConfig, train: ParquetSplit, device: torch.device) -> str:
+    """device, host or stream: ``auto`` streams a train split larger than the memory budget (given,
+    or half of the memory available now), else keeps it on the device when it fits there."""
+    if cfg.data_placement != "auto":
+        return cfg.data_placement
+    budget = cfg.memory_budget_gb * 2**30 if cfg.memory_budget_gb else available_memory() / 2
+    if train.nbytes > budget:
+        return "stream"
+    return "device" if fits_on_device(train, device) else "host"
 
 
 def objective_for(cfg: TrainConfig, tasks: list[str]) -> Objective:
@@ -180,15 +193,21 @@ class Trainer:
         if self.group and self.balancer.kind == "grad" and self.scope != "shared":
             # Touched rows and representation gradients are per-rank rows; balancing them across
             # ranks would need a gather of variable-size tensors (not built yet).
+            default = "" if cfg.scope else f", {cfg.balancer}'s default"
             raise UserError(f"with several processes, gradient balancers run in --balance-scope shared only "
-                            f"(not {self.scope})")
+                            f"(not {self.scope}{default}): pass --balance-scope shared")
         self.model.to(self.device)
         self.balancer.to(self.device)
         categorical, numeric = feature_names(self.schema)
-        self.train_split = load_split(cfg.data, "train", categorical, numeric, self.tasks)
-        self.valid_split = load_split(cfg.data, "valid", categorical, numeric, self.tasks)
-        self.on_device = cfg.data_placement == "device" or (
-            cfg.data_placement == "auto" and fits_on_device(self.train_split, self.device))
+        on_disk = [ParquetSplit(Path(cfg.data) / f"{name}.parquet", categorical, numeric, self.tasks)
+                   for name in ("train", "valid")]
+        self.placement = data_placement(cfg, on_disk[0], self.device)
+        if self.placement == "stream":
+            self.train_split, self.valid_split = on_disk
+        else:
+            self.train_split = load_split(cfg.data, "train", categorical, numeric, self.tasks)
+            self.valid_split = load_split(cfg.data, "valid", categorical, numeric, self.tasks)
+        self.on_device = self.placement == "device"
         if self.on_device:
             self.train_split = self.train_split.to(self.device)
             self.valid_split = self.valid_split.to(self.device)
@@ -197,7 +216,8 @@ class Trainer:
             torch.backends.cudnn.allow_tf32 = True
         self.optimizer = make_optimizer(self.model, self.balancer, cfg, self.device)
         self.stepper = Stepper(self.model, self.balancer, self.optimizer, self.scope, self.device,
-                               autocast_dtype(cfg, self.device), self.objective, clip_grad=cfg.clip_grad)
+                               autocast_dtype(cfg, self.device), self.objective, clip_grad=cfg.clip_grad,
+                               groups=cfg.balance_groups or None)
         self.stepper.group = self.group
         self.state = LoopState()
         self.stop_requested = False
@@ -211,7 +231,8 @@ class Trainer:
             self.run_dir.mkdir(parents=True)
             checkpoint.atomic_write_text(self.run_dir / "schema.json", json.dumps(self.schema.to_dict(), indent=2))
         if self.main:  # on resume too: --epochs, --patience ... may have changed
-            config = {**cfg.to_dict(), "tasks": self.tasks, "scope": self.scope, "mtrec_version": 1}
+            config = {**cfg.to_dict(), "tasks": self.tasks, "scope": self.scope,
+                      "balance_groups": self.stepper.groups, "mtrec_version": 1}
             checkpoint.atomic_write_text(self.run_dir / "config.json", json.dumps(config, indent=2))
 
     # --- checkpoints ------------------------------------------------------------------------
@@ -283,16 +304,18 @@ class Trainer:
         cfg, s = self.cfg, self.state
         n = len(self.train_split)
         steps = math.ceil(n / cfg.batch_size)
-        perm = epoch_permutation(n, cfg.seed, s.epoch, self.device if self.on_device else "cpu")
         progress.epoch(s.epoch, steps, s.step)
         loss_sum = torch.zeros(len(self.tasks), device=self.device)
         good, pending_steps, pending_samples = 0, 0, 0
         diag_path = self.run_dir / "diagnostics.jsonl"
         shard = (self.group.rank, self.group.world) if self.group else None
-        if self.on_device:
-            stream = batches(self.train_split, perm, cfg.batch_size, start=s.step, shard=shard)
+        if self.placement == "stream":
+            stream = stream_batches(self.train_split, cfg.batch_size, cfg.seed, s.epoch, cfg.shuffle_buffer,
+                                    self.device, start=s.step, shard=shard)
         else:
-            stream = host_batches(self.train_split, perm, cfg.batch_size, self.device, start=s.step, shard=shard)
+            perm = epoch_permutation(n, cfg.seed, s.epoch, self.device if self.on_device else "cpu")
+            feed = batches if self.on_device else functools.partial(host_batches, device=self.device)
+            stream = feed(self.train_split, perm, cfg.batch_size, start=s.step, shard=shard)
         for codes, numeric, labels in stream:
             self.stepper.want_diagnostics = (self.main and cfg.diagnostics_every > 0
                                              and s.global_step % cfg.diagnostics_every == 0)

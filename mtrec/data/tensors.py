@@ -48,7 +48,8 @@ def _block(frame: pl.DataFrame, columns: list[str], dtype) -> np.ndarray:
         return np.zeros((frame.height, 0), dtype=dtype)
     flat = [c for c in columns if not isinstance(frame.schema[c], pl.Array)]
     if len(flat) == len(columns):
-        return np.ascontiguousarray(frame.select(columns).to_numpy().astype(dtype, copy=False))
+        block = np.ascontiguousarray(frame.select(columns).to_numpy().astype(dtype, copy=False))
+        return block if block.flags.writeable else block.copy()  # a zero-copy view of Arrow memory
     parts = []
     for c in columns:
         values = frame[c].to_numpy()
@@ -86,9 +87,16 @@ def load_split(data_dir: str | Path, name: str, categorical: list[str], numeric:
     return frame_to_split(frame, categorical, numeric, tasks)
 
 
+def epoch_generator(seed: int, epoch: int, buffer: int = 0, salt: int = 0) -> torch.Generator:
+    """The CPU generator of an epoch's shuffle (and of its streaming buffers / row-group order)."""
+    if buffer == 0 and salt == 0:
+        return torch.Generator().manual_seed(seed * 100_003 + epoch)
+    state = np.random.SeedSequence([seed, epoch, buffer, salt]).generate_state(2, dtype=np.uint32)
+    return torch.Generator().manual_seed(int(state[0]) << 31 | int(state[1]) >> 1)
+
+
 def epoch_permutation(n: int, seed: int, epoch: int, device) -> Tensor:
-    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
-    return torch.randperm(n, generator=generator).to(device)
+    return torch.randperm(n, generator=epoch_generator(seed, epoch)).to(device)
 
 
 def batches(split: Split, perm: Tensor, batch_size: int, start: int = 0, shard: tuple[int, int] | None = None):
@@ -135,6 +143,9 @@ def host_batches(split: Split, perm: Tensor, batch_size: int, device: torch.devi
 
 
 def eval_batches(split: Split, batch_size: int):
+    if hasattr(split, "eval_batches"):  # a split streamed from disk (mtrec.data.stream.ParquetSplit)
+        yield from split.eval_batches(batch_size)
+        return
     for begin in range(0, len(split), batch_size):
         end = begin + batch_size
         yield split.codes[begin:end], split.numeric[begin:end]

@@ -19,14 +19,20 @@ ARGS = ["--model", "mmoe", "--target", "like", "--batch-size", "1201", "--epochs
 
 @pytest.fixture(scope="module")
 def data_dir(encoded_synthetic):
-    return encoded_synthetic("ddp", rows=6_000, seed=2) / "data"
+    import pyarrow.parquet as pq
+
+    data = encoded_synthetic("ddp", rows=6_000, seed=2) / "data"
+    pq.write_table(pq.read_table(data / "train.parquet"), data / "train.parquet", row_group_size=700)
+    return data
 
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not built in")
-@pytest.mark.parametrize("balancer", ["uw", "metabalance"])
-def test_two_processes_match_one_process(data_dir, tmp_path, balancer, unused_port):
+@pytest.mark.parametrize("balancer, placement", [("uw", "auto"), ("metabalance", "auto"), ("metabalance", "stream")])
+def test_two_processes_match_one_process(data_dir, tmp_path, balancer, placement, unused_port):
     one, two = tmp_path / "one", tmp_path / "two"
-    base = [str(data_dir), *ARGS, "--balancer", balancer]
+    # stream: 3 shuffle buffers of 2,000 rows over 700-row row groups (see the fixture)
+    base = [str(data_dir), *ARGS, "--balancer", balancer, "--balance-scope", "shared", "--data-placement", placement,
+            "--shuffle-buffer", "2000"]  # scope all is not distributed yet (docs/design.md)
     subprocess.run([sys.executable, "-m", "mtrec", "train", *base, "--out", str(one)], env=ENV, check=True,
                    capture_output=True)
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",

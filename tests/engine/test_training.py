@@ -201,13 +201,61 @@ def test_host_resident_split_trains_exactly_like_a_device_resident_one(data_dir,
     from mtrec.train import Trainer
 
     results = {}
-    for placement in ("device", "host"):
+    for placement in ("device", "host", "stream"):
+        # stream: one shuffle buffer over the whole split is exactly the in-memory epoch permutation
         cfg = TrainConfig(data=str(data_dir), out=str(tmp_path / placement), target="like", batch_size=300,
                           epochs=2, embedding_dim=4, expert_sizes=[16, 8], tower_sizes=[8], seed=4,
-                          data_placement=placement, balancer="metabalance")
+                          data_placement=placement, balancer="metabalance", shuffle_buffer=10**9)
         trainer = Trainer(cfg, quiet=True)
-        assert trainer.on_device == (placement == "device")
+        assert trainer.on_device == (placement == "device") and trainer.placement == placement
         results[placement] = (trainer.run()["history"], {k: v.clone() for k, v in trainer.model.state_dict().items()})
-    assert [r["valid"] for r in results["host"][0]] == [r["valid"] for r in results["device"][0]]
-    for name, tensor in results["device"][1].items():
-        assert torch.equal(tensor, results["host"][1][name]), name
+    for placement in ("host", "stream"):
+        assert [r["valid"] for r in results[placement][0]] == [r["valid"] for r in results["device"][0]]
+        for name, tensor in results["device"][1].items():
+            assert torch.equal(tensor, results[placement][1][name]), (placement, name)
+
+
+def test_auto_placement_streams_a_split_over_the_memory_budget(data_dir, tmp_path):
+    from mtrec.config import TrainConfig
+    from mtrec.train import Trainer
+
+    base = dict(data=str(data_dir), target="like", embedding_dim=4, expert_sizes=[8], tower_sizes=[4], epochs=1)
+    assert Trainer(TrainConfig(out=str(tmp_path / "a"), **base), quiet=True).placement == "device"
+    small = Trainer(TrainConfig(out=str(tmp_path / "b"), memory_budget_gb=1e-4, **base), quiet=True)
+    assert small.placement == "stream"  # ~100 KiB budget: the 9,600-row train split does not fit
+
+
+@pytest.fixture(scope="module")
+def small_groups(data_dir, tmp_path_factory):
+    """The encoded data with 700-row row groups, so an epoch streams several shuffle buffers."""
+    import pyarrow.parquet as pq
+
+    dst = tmp_path_factory.mktemp("groups") / "data"
+    shutil.copytree(data_dir, dst)
+    table = pq.read_table(data_dir / "train.parquet")
+    pq.write_table(table, dst / "train.parquet", row_group_size=700)
+    return dst
+
+
+def test_streaming_run_resumes_bit_for_bit_after_sigkill(small_groups, tmp_path):
+    args = [small_groups, *SMALL, "--epochs", "2", "--checkpoint-every", "40", "--data-placement", "stream",
+            "--shuffle-buffer", "2000"]
+    mtrec("train", *args, "--out", tmp_path / "whole")
+    whole, whole_meta = final_model(tmp_path / "whole")
+    killed = tmp_path / "killed"
+    for _ in range(3):
+        shutil.rmtree(killed, ignore_errors=True)
+        proc = subprocess.Popen([sys.executable, "-m", "mtrec", "train", *map(str, args), "--out", str(killed)],
+                                env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        assert _wait_for(_mid_epoch_checkpoint(killed), proc), "no mid-epoch checkpoint before the run ended"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        _, meta = checkpoint.load(killed / "last.pt")
+        if meta["epoch"] == 0 and 0 < meta["step"]:
+            break
+    assert meta["epoch"] == 0 and meta["step"] * 64 > 2000  # killed past the first shuffle buffer
+    mtrec("train", "--resume", killed, "--quiet")
+    resumed, resumed_meta = final_model(killed)
+    assert [r["valid"] for r in resumed_meta["history"]] == [r["valid"] for r in whole_meta["history"]]
+    for name, tensor in whole.items():
+        assert torch.equal(tensor, resumed[name]), name

@@ -1,0 +1,200 @@
+"""Encoded splits larger than memory: read row group by row group, shuffled within a buffer.
+
+An epoch is one deterministic stream of rows, a function of (seed, epoch) alone:
+
+1. the split's row groups are visited in an order drawn from (seed, epoch);
+2. consecutive row groups of that order form **buffers** of at least ``buffer_rows`` rows;
+3. each buffer's rows (its row groups concatenated in file order) are permuted with a generator
+   seeded by (seed, epoch, buffer index);
+4. the buffers' permuted rows, one after the other, are cut into batches of ``batch_size`` (a batch
+   may straddle two buffers).
+
+So batch ``i`` of an epoch is known from (seed, epoch, i): a resumed run rebuilds the plan and
+starts in the buffer holding row ``i * batch_size``, bit for bit on CPU. The generator of buffer 0
+is the in-memory path's epoch permutation, so with one buffer covering the whole split the stream
+*is* the in-memory path's batches. A background thread reads (and, for CUDA, pins) the next
+buffer while the current one trains. Memory: two buffers, whatever the split's size.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pyarrow.parquet as pq
+import torch
+from torch import Tensor
+
+from mtrec.data.tensors import Split, epoch_generator, frame_to_split
+from mtrec.errors import UserError
+
+DEFAULT_BUFFER_ROWS = 1 << 20
+
+
+def available_memory() -> int:
+    """Bytes of memory available now (Linux MemAvailable; else the physical memory)."""
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import os
+
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+class ParquetSplit:
+    """An encoded split file, not loaded: row-group metadata, and reads of row groups on demand.
+
+    Duck-types the parts of ``Split`` that scoring uses: ``len()``, ``labels`` and ``users`` (read
+    alone: a few bytes per row), and ``eval_batches`` in file order.
+    """
+
+    def __init__(self, path: str | Path, categorical: list[str], numeric: list[str], tasks: list[str]):
+        self.path = Path(path)
+        if not self.path.exists():
+            raise UserError(f"{self.path} not found: the data directory must be made by mtrec preprocess")
+        try:
+            self.file = pq.ParquetFile(self.path)
+        except (OSError, ValueError) as err:
+            raise UserError(f"cannot read {self.path} ({err}): re-run mtrec preprocess") from err
+        names = set(self.file.schema_arrow.names)
+        missing = [c for c in categorical + numeric + tasks if c not in names]
+        if missing:
+            raise UserError(f"{self.path} lacks column(s) {', '.join(missing)} the schema names: re-run mtrec preprocess")
+        self.categorical, self.numeric, self.tasks = categorical, numeric, tasks
+        self.has_users = "_user" in names
+        meta = self.file.metadata
+        self.group_rows = np.array([meta.row_group(g).num_rows for g in range(meta.num_row_groups)], dtype=np.int64)
+        if self.group_rows.sum() == 0:
+            raise UserError(f"the split {self.path} is empty: use more data or other split ratios")
+        self._labels: Tensor | None = None
+        self._users: Tensor | None = None
+
+    def __len__(self) -> int:
+        return int(self.group_rows.sum())
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the split would take as tensors in memory (int32 codes, float32 values/labels)."""
+        widths = sum(_width(self.file.schema_arrow.field(c).type) for c in self.categorical)
+        per_row = 4 * (widths + len(self.numeric) + len(self.tasks)) + (8 if self.has_users else 0)
+        return per_row * len(self)
+
+    def read(self, groups: list[int]) -> Split:
+        columns = [*self.categorical, *self.numeric, *self.tasks, *(["_user"] if self.has_users else [])]
+        frame = pl.from_arrow(self.file.read_row_groups(sorted(groups), columns=columns))
+        return frame_to_split(frame, self.categorical, self.numeric, self.tasks)
+
+    @property
+    def labels(self) -> Tensor:
+        if self._labels is None:
+            frame = pl.from_arrow(self.file.read(columns=self.tasks)) if self.tasks else None
+            self._labels = (torch.zeros(len(self), 0) if frame is None
+                            else torch.from_numpy(frame.to_numpy().astype(np.float32)))
+        return self._labels
+
+    @property
+    def users(self) -> Tensor | None:
+        if self.has_users and self._users is None:
+            self._users = torch.from_numpy(self.file.read(columns=["_user"]).column(0).to_numpy().astype(np.int64))
+        return self._users
+
+    def eval_batches(self, batch_size: int):
+        """(codes, numeric) in file order, one row group read at a time."""
+        for g in range(len(self.group_rows)):
+            part = self.read([g])
+            for begin in range(0, len(part), batch_size):
+                yield part.codes[begin:begin + batch_size], part.numeric[begin:begin + batch_size]
+
+
+def _width(arrow_type) -> int:
+    return getattr(arrow_type, "list_size", 1)
+
+
+@dataclass
+class Buffer:
+    groups: list[int]
+    start: int  # position of its first row in the epoch's stream
+    rows: int
+
+
+def plan(group_rows: np.ndarray, seed: int, epoch: int, buffer_rows: int) -> list[Buffer]:
+    """The epoch's buffers: row groups in an order drawn from (seed, epoch), grouped greedily."""
+    order = torch.randperm(len(group_rows), generator=epoch_generator(seed, epoch, salt=0x6A09E667)).tolist()
+    buffers, current, start, rows = [], [], 0, 0
+    for g in order:
+        current.append(g)
+        rows += int(group_rows[g])
+        if rows >= buffer_rows:
+            buffers.append(Buffer(current, start, rows))
+            start, current, rows = start + rows, [], 0
+    if current:
+        buffers.append(Buffer(current, start, rows))
+    return buffers
+
+
+def position(buffers: list[Buffer], row: int) -> tuple[int, int]:
+    """(buffer index, offset in it) of the stream's row ``row``."""
+    for k, b in enumerate(buffers):
+        if row < b.start + b.rows:
+            return k, row - b.start
+    return len(buffers), 0
+
+
+def _cat(a: Split, b: Split) -> Split:
+    users = None if a.users is None else torch.cat([a.users, b.users])
+    return Split(torch.cat([a.codes, b.codes]), torch.cat([a.numeric, b.numeric]), torch.cat([a.labels, b.labels]),
+                 users)
+
+
+def _take(part: Split, idx) -> Split:
+    return Split(part.codes[idx], part.numeric[idx], part.labels[idx], None)
+
+
+def stream_batches(split: ParquetSplit, batch_size: int, seed: int, epoch: int, buffer_rows: int,
+                   device: torch.device, start: int = 0, shard: tuple[int, int] | None = None):
+    """Yield (codes, numeric, labels) on ``device`` for batches start, start+1, ... of the epoch
+    (see the module docstring). ``shard=(rank, world)``: rows ``[rank::world]`` of each batch."""
+    buffers = plan(split.group_rows, seed, epoch, buffer_rows)
+    first, offset = position(buffers, start * batch_size)
+    pin = device.type == "cuda"
+
+    def load(k: int) -> Split:
+        part = split.read(buffers[k].groups)
+        perm = torch.randperm(len(part), generator=epoch_generator(seed, epoch, buffer=k))
+        part = _take(part, perm)
+        if pin:
+            part = Split(part.codes.pin_memory(), part.numeric.pin_memory(), part.labels.pin_memory(), None)
+        return part
+
+    def emit(part: Split, begin: int, end: int):
+        codes, numeric, labels = part.codes[begin:end], part.numeric[begin:end], part.labels[begin:end]
+        if shard:
+            codes, numeric, labels = codes[shard[0]::shard[1]], numeric[shard[0]::shard[1]], labels[shard[0]::shard[1]]
+        return tuple(t.to(device, non_blocking=True) for t in (codes, numeric, labels))
+
+    if first >= len(buffers):
+        return
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending = pool.submit(load, first)
+        carry: Split | None = None
+        for k in range(first, len(buffers)):
+            part = pending.result()
+            if k + 1 < len(buffers):
+                pending = pool.submit(load, k + 1)
+            if k == first and offset:
+                part = _take(part, slice(offset, None))
+            if carry is not None:
+                part = _cat(carry, part)
+                carry = None
+            usable = len(part) if k == len(buffers) - 1 else len(part) - len(part) % batch_size
+            for begin in range(0, usable, batch_size):
+                yield emit(part, begin, min(begin + batch_size, usable))
+            if usable < len(part):
+                carry = _take(part, slice(usable, None))

@@ -156,3 +156,24 @@ print(sorted(m for m in sys.modules if m == "torch" or m.startswith("torch.")))
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "[]"
     assert (tmp_path / "data" / "schema.json").exists()
+
+
+def test_scoring_is_fp32_whatever_the_training_precision(data_dir, tmp_path):
+    """One checkpoint trained under bf16 autocast, scored with its bf16 config and with fp32: the
+    same metrics (bf16 logits would tie by the thousand and move GAUC / NDCG)."""
+    from mtrec.data.tensors import load_split
+    from mtrec.evaluate import evaluate_run, load_run, predict
+    from mtrec.train import feature_names
+
+    run = tmp_path / "run"
+    Trainer(TrainConfig(data=str(data_dir), out=str(run), epochs=1, precision="bf16", **SMALL), quiet=True).run()
+    as_trained = evaluate_run(run, split="valid", device="cpu")["metrics"]
+    config = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps({**config, "precision": "fp32"}))
+    assert evaluate_run(run, split="valid", device="cpu")["metrics"] == as_trained
+    model, _, tasks, schema = load_run(run, device="cpu")
+    split = load_split(data_dir, "valid", *feature_names(schema), tasks)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # a caller's autocast does not reach the scores
+        inside = predict(model, split, 4096)
+    assert inside.dtype == torch.float32 and torch.equal(inside, predict(model, split, 4096))
+    assert inside[:, 0].unique().numel() > 0.9 * len(split)  # fp32 scores barely tie

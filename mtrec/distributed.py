@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from mtrec.optim import row_grad
+from mtrec.optim import row_grad, touched
 
 
 class Group:
@@ -58,11 +58,10 @@ class Group:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
             if p.grad.is_sparse:
-                grad = p.grad.coalesce()
-                mine = grad.indices()[0]
+                mine, grad = touched(p.grad)
                 rows = self.union(mine)
-                values = grad.values().new_zeros((rows.numel(), *p.shape[1:]))
-                values.index_add_(0, torch.searchsorted(rows, mine), grad.values())
+                values = grad.new_zeros((rows.numel(), *p.shape[1:]))
+                values.index_add_(0, torch.searchsorted(rows, mine), grad)
                 sparse.append((p, rows, values))
             else:
                 dense.append(p.grad)

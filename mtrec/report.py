@@ -90,16 +90,9 @@ class TrainProgress:
 
 
 def render_preprocess(summary) -> None:
-    """The resolved schema, rows and positive rate per split, and warnings of a preprocess run."""
-    features = simple_table(
-        "features", ["feature", "kind", "raw dtype", "transforms", "vocab size", "OOV rate (valid)"],
-        [[f.name, f.kind, f.dtype, f.transforms, f.vocab_size, f.oov_rate_valid] for f in summary.features])
-    console.print(features)
-    tasks = list(summary.schema.labels)
-    splits = list(summary.rows)
-    rows = [["rows", *(f"{summary.rows[s]:,}" for s in splits)]]
-    for task in tasks:
-        rows.append([f"{task} positive rate", *(summary.positive_rate[s].get(task) for s in splits)])
-    console.print(simple_table("splits", ["", *splits], rows))
+    """The resolved schema, rows and positive rate per split (the summary's own tables), and the
+    warnings of a preprocess run."""
+    console.print(simple_table("features", *summary.feature_table()))
+    console.print(simple_table("splits", *summary.split_table()))
     for line in summary.warnings:
         err_console.print(f"warning: {line}", markup=False, highlight=False, soft_wrap=True)

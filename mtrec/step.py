@@ -1,6 +1,6 @@
 """One training step: forward, per-task losses, gradients (balanced for the chosen scope), update.
 
-Scopes (DESIGN.md section 5):
+Scopes (docs/design.md, "The step"):
 - ``shared``: per-task gradients of the dense shared parameters are balanced; the embedding table
   gets the plain sum of the tasks' gradients.
 - ``all``: as ``shared`` plus the embedding rows the batch touched (never a dense per-task copy of

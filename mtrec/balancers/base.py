@@ -1,4 +1,4 @@
-"""The balancer contract (DESIGN.md section 5).
+"""The balancer contract (docs/balancers.md, "Two kinds").
 
 Two kinds share one registry:
 

@@ -59,7 +59,7 @@ class MultiTaskModel(nn.Module):
         towers = StackedMLP(self.num_tasks, [in_dim, *self.cfg.tower_sizes, 1], last_activation=False,
                             dropout=self.cfg.dropout)
         # Start every tower at its task's base rate: a rare task starting at p = 0.5 spends its
-        # first epoch unlearning the bias (DESIGN.md section 4).
+        # first epoch unlearning the bias (docs/design.md, "Models").
         with torch.no_grad():
             towers.biases[-1].copy_(torch.tensor([[_logit(r)] for r in positive_rates]))
         return towers

@@ -177,3 +177,17 @@ def test_scoring_is_fp32_whatever_the_training_precision(data_dir, tmp_path):
         inside = predict(model, split, 4096)
     assert inside.dtype == torch.float32 and torch.equal(inside, predict(model, split, 4096))
     assert inside[:, 0].unique().numel() > 0.9 * len(split)  # fp32 scores barely tie
+
+
+def test_a_run_where_no_epoch_improved_says_so_instead_of_epoch_minus_one(data_dir, tmp_path):
+    import polars as pl
+
+    data = tmp_path / "data"
+    shutil.copytree(data_dir, data)
+    valid = pl.read_parquet(data / "valid.parquet")
+    valid.with_columns(pl.lit(0, valid.schema["like"]).alias("like")).write_parquet(data / "valid.parquet")
+    code, output = invoke("train", data, "--target", "like", "--epochs", "1", "--embedding-dim", "4", "--quiet",
+                          "--out", tmp_path / "run")  # one class in valid: the target's AUC is undefined
+    assert code == 0, output
+    assert "no epoch gave a defined validation auc" in output and "last validation (epoch 1)" in output
+    assert "epoch -1" not in output and not (tmp_path / "run" / "best.pt").exists()

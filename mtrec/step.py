@@ -8,8 +8,16 @@ Scopes (docs/design.md, "The step"):
 - ``representation``: per-task gradients w.r.t. the shared representation ``z`` (the tensors the
   task-specific parts read) are balanced, then one backward of the combined gradient runs through
   the shared part (cheapest).
-Task-specific parameters always get their own task's gradient: each task's loss is the only one
-that reaches them, so the sum over tasks of their per-task gradients is exactly that.
+Task-specific parameters get their own task's gradient: each task's loss is the only one that
+reaches them, so the sum over tasks of their per-task gradients is exactly that; where the method's
+reference scales it (``GradBalancer.head_scales``: Nash-MTL's and MGDA's alpha_t, IMTL-L's e^{s_t},
+DB-MTL's log-loss gradient), task t's gradient is multiplied by that factor.
+
+Groups (``--balance-groups``): with ``part``, per-group balancers get a ``Parts`` with each balanced
+tensor cut into the pieces an unfused network keeps as separate parameters (each expert's slice of
+a stacked weight, each numeric feature's projection; in scope ``all`` each field's touched rows of
+the fused table, mapped by one ``searchsorted``), so they reduce one norm per part per kernel.
+Representation tensors are always one group each.
 
 On CUDA all per-task gradients come from one batched autograd call (``is_grads_batched``), falling
 back to a loop of ``autograd.grad`` calls when an op has no batching rule; on CPU the loop is
@@ -27,6 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from mtrec.balancers.base import Balancer, GradBalancer, LossBalancer, tensor_grams
+from mtrec.balancers.parts import Parts
 from mtrec.objective import Objective
 from mtrec.optim import embedding_tables, empty_row_grad, row_grad
 from mtrec.report import err_console
@@ -86,13 +95,18 @@ class Stepper:
 
     def __init__(self, model, balancer: Balancer, optimizer: torch.optim.Optimizer, scope: str,
                  device: torch.device, autocast_dtype: torch.dtype | None, objective: Objective | None = None,
-                 clip_grad: float = 0.0):
+                 clip_grad: float = 0.0, groups: str | None = None):
         self.model, self.balancer, self.optimizer, self.scope = model, balancer, optimizer, scope
+        # "tensor" or "part" (None: the balancer's own default, else per tensor).
+        self.groups = groups or getattr(balancer, "default_groups", None) or "tensor"
         self.num_tasks = model.num_tasks
         # How logits and labels become the T losses (conditional tasks, ESMM); plain BCE by default.
         self.objective = objective or Objective([str(t) for t in range(self.num_tasks)], {})
         self.task_params = model.task_parameters()
         self.shared_params = model.shared_parameters()
+        self.part_counts, self.row_starts = (
+            model.parts() if self.groups == "part" and balancer.kind == "grad" and scope != "representation"
+            else (None, None))
         # On CPU the loop of T backward passes measured 1.6x faster than the vmapped batched call
         # (MMoE, batch 4096, docs/results.md); on CUDA the batched call saves T-1 rounds of launches.
         self.grads = PerTaskGrads(self.num_tasks, batched=None if device.type == "cuda" else False)
@@ -212,11 +226,13 @@ class Stepper:
                 return None
             rep_grads, task_grads = grads[:len(leaves)], grads[len(leaves):]
             combined = balancer.combine([g.float() for g in rep_grads], detached)
+            head = balancer.head_scales()
             self._diagnose(rep_grads)
             torch.autograd.backward(list(z), [c.to(t.dtype) for c, t in zip(combined, z)])
             # The shared part's gradients come from this backward of the balancer's output: what
             # the optimizer would apply there is checked, not only the balancer's inputs.
-            if not self._finite(detached, [p.grad for p in model.parameters() if p.grad is not None]):
+            applied = [p.grad for p in model.parameters() if p.grad is not None]
+            if not self._finite(detached, applied + ([] if head is None else [head])):
                 return None
         else:
             shared = self.shared_params
@@ -235,8 +251,10 @@ class Stepper:
                 touched, where = torch.unique(rows, return_inverse=True)
                 row_grads = e_grads.new_zeros((T, touched.numel(), table.shape[1]))
                 row_grads.index_add_(1, where, e_grads.flatten(1, 2))
-                combined = balancer.combine([g.float() for g in shared_grads] + [row_grads.float()], detached)
-                if not self._finite(detached, combined):  # what the balancer returns is what is applied
+                combined = balancer.combine([g.float() for g in shared_grads] + [row_grads.float()], detached,
+                                            **self._parts(touched))
+                head = balancer.head_scales()
+                if not self._finite(detached, combined + ([] if head is None else [head])):  # what is applied
                     return None
                 rows_grad = combined.pop().to(table.dtype)
                 # The touched rows go to the optimizer as they are under a sparse embedding
@@ -244,8 +262,9 @@ class Stepper:
                 table.grad = (row_grad(table, touched, rows_grad) if model.embedding.table.sparse
                               else torch.zeros_like(table).index_add_(0, touched, rows_grad))
             else:
-                combined = balancer.combine([g.float() for g in shared_grads], detached)
-                if not self._finite(detached, combined):  # what the balancer returns is what is applied
+                combined = balancer.combine([g.float() for g in shared_grads], detached, **self._parts())
+                head = balancer.head_scales()
+                if not self._finite(detached, combined + ([] if head is None else [head])):  # what is applied
                     return None
                 e.backward(e_grads.sum(0))
                 if self.group:
@@ -254,5 +273,17 @@ class Stepper:
             for p, g in zip(shared, combined):
                 p.grad = g.to(p.dtype)
         for p, g in zip(self.task_params, task_grads):
-            p.grad = g.sum(0).to(p.dtype)
+            own = g.sum(0) if head is None else torch.einsum("t,t...->...", head.to(g.dtype), g)
+            p.grad = own.to(p.dtype)
         return detached
+
+    def _parts(self, touched: Tensor | None = None) -> dict:
+        """``{"parts": Parts}`` for ``combine`` under ``--balance-groups part`` (else nothing): the
+        dense shared tensors' expert / feature slices, then the touched rows' fields."""
+        if self.part_counts is None:
+            return {}
+        counts, ids = list(self.part_counts), [None] * len(self.part_counts)
+        if touched is not None:
+            counts.append(self.row_starts.numel())
+            ids.append(torch.searchsorted(self.row_starts.to(touched.device), touched, right=True) - 1)
+        return {"parts": Parts(counts, ids)}

@@ -69,10 +69,13 @@ def _needs(cls: type[Balancer]) -> str:
 
 def describe() -> list[dict[str, Any]]:
     """One row per balancer for ``mtrec balancers``: name, kind, needs, hparams {name: default},
-    paper, default scope and a one-line summary."""
+    paper, default scope, default groups ("-" where the method works on the whole balanced vector)
+    and a one-line summary."""
     rows = []
     for name, cls in _REGISTRY.items():
+        grad = cls.kind == "grad"
         rows.append({"name": name, "kind": cls.kind, "needs": _needs(cls), "hparams": hparams(name),
-                     "paper": cls.paper, "default_scope": cls.default_scope if cls.kind == "grad" else "-",
+                     "paper": cls.paper, "default_scope": cls.default_scope if grad else "-",
+                     "default_groups": (cls.default_groups or "-") if grad else "-",
                      "summary": (inspect.getdoc(cls) or "").split("\n")[0]})
     return rows

@@ -85,10 +85,21 @@ class LossBalancer(Balancer):
 
 class GradBalancer(Balancer):
     kind = "grad"
+    # Granularity of a per-group method when the user does not pass --balance-groups: "part" (each
+    # expert's slice, each field's rows: ``combine`` then gets ``parts``) or "tensor". None: the
+    # method works on the whole balanced vector at once, so grouping does not apply.
+    default_groups: ClassVar[str | None] = None
 
-    def combine(self, grads: list[Tensor], losses: Tensor | None = None) -> list[Tensor]:
-        """grads[k]: ``[T, *shape_k]``; losses: detached ``[T]`` (given when ``needs_losses``)."""
+    def combine(self, grads: list[Tensor], losses: Tensor | None = None, parts=None) -> list[Tensor]:
+        """grads[k]: ``[T, *shape_k]``; losses: detached ``[T]`` (given when ``needs_losses``);
+        parts: a ``parts.Parts`` when the engine balances per part (per tensor when None)."""
         raise NotImplementedError
+
+    def head_scales(self) -> Tensor | None:
+        """Per-task factors ``[T]`` for the task-specific parameters' gradients, from the last
+        ``combine``, where the method's reference scales them (Nash-MTL's and MGDA's alpha_t,
+        IMTL-L's e^{s_t}, DB-MTL's log-loss gradient); None: each head gets its own raw gradient."""
+        return getattr(self, "_head_scales", None)
 
 
 # --- helpers shared by the balancers ------------------------------------------------------
@@ -234,13 +245,20 @@ class GramBalancer(GradBalancer):
 
     Subclasses implement ``weights(gram, losses) -> alpha [T]``; the Gram is formed once per step
     (one ``[T, N] @ [N, T]`` product per tensor), never a T^2 loop over tensors.
+    ``alpha_on_heads``: the reference backpropagates ``sum_t alpha_t L_t``, so the task-specific
+    parameters get ``alpha_t g_t`` too (``head_scales``).
     """
+
+    alpha_on_heads: ClassVar[bool] = False
 
     def weights(self, gram: Tensor, losses: Tensor | None = None) -> Tensor:
         raise NotImplementedError
 
-    def combine(self, grads: list[Tensor], losses: Tensor | None = None) -> list[Tensor]:
-        return weighted_sum(grads, self.weights(gram_matrix(grads), losses))
+    def combine(self, grads: list[Tensor], losses: Tensor | None = None, parts=None) -> list[Tensor]:
+        alpha = self.weights(gram_matrix(grads), losses)
+        if self.alpha_on_heads:
+            self._head_scales = alpha.float()
+        return weighted_sum(grads, alpha)
 
 
 # --- hyperparameter checking -----------------------------------------------------------------

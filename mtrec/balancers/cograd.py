@@ -31,6 +31,7 @@ class CoGrad(GradBalancer):
 
     name = "cograd"
     paper = "Yang et al., SIGIR 2023 (arXiv 2303.05847); reconstructed, no official code"
+    default_scope = "all"  # the paper's shared modules include the embeddings; no code to say otherwise
 
     def __init__(self, num_tasks: int, *, gamma: float | list[float] = 0.01, hessian: str = "diag"):
         super().__init__(num_tasks)
@@ -38,7 +39,7 @@ class CoGrad(GradBalancer):
         self.hessian = check_choice(self.name, "hessian", hessian, HESSIANS)
         self.register_buffer("gamma", torch.tensor(values), persistent=False)
 
-    def combine(self, grads: list[Tensor], losses: Tensor | None = None) -> list[Tensor]:
+    def combine(self, grads: list[Tensor], losses: Tensor | None = None, parts=None) -> list[Tensor]:
         gamma = self.gamma.to(grads[0].device)
         if self.hessian == "outer":
             gram = gram_matrix(grads).to(gamma.dtype)

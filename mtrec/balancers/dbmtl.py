@@ -14,7 +14,11 @@ class DBMTL(GradBalancer):
     needs the losses, not a second backward). Gradient-magnitude balancing: an EMA
     ``ghat_t <- beta_k ghat_t + (1 - beta_k) g_t / (L_t + 1e-8)`` with ``beta_k = beta / k^beta_sigma``
     (buffers init 0, k = step), then ``alpha_t = max_j ||ghat_j|| / (||ghat_t|| + 1e-8)`` and the
-    result ``sum_t alpha_t ghat_t`` (every task contributes the largest norm).
+    result ``sum_t alpha_t ghat_t`` (every task contributes the largest norm). The reference's
+    absolute ``+ 1e-8`` on the EMA norms is replaced by leaving zero-norm tasks out (alpha_t ghat_t
+    is 0 for them anyway), so the result scales exactly with the gradients. As the reference (the
+    authors' LibMTL), the task-specific parameters get the gradient of log(L_t + 1e-8) too:
+    ``head_scales`` = 1 / (L_t + 1e-8).
 
     The EMA is T x (balanced parameters) of persistent state, so DB-MTL needs a scope whose
     tensors keep their shapes: ``shared`` (not ``all``, whose touched rows change every step, nor
@@ -48,11 +52,12 @@ class DBMTL(GradBalancer):
                             "moving average of each parameter's gradient, so use --balance-scope shared")
         return emas
 
-    def combine(self, grads: list[Tensor], losses: Tensor | None = None) -> list[Tensor]:
+    def combine(self, grads: list[Tensor], losses: Tensor | None = None, parts=None) -> list[Tensor]:
         T = self.num_tasks
         losses = require_losses(self, losses)
         emas = self._emas(grads)
         scale = 1.0 / (losses + 1e-8)
+        self._head_scales = scale
         sq = torch.stack([torch.linalg.vector_norm(g.reshape(T, -1), dim=1, dtype=torch.float32) ** 2
                           for g in grads]).sum(0)
         has = sq > 0
@@ -64,5 +69,5 @@ class DBMTL(GradBalancer):
                 new = beta * ema + (1 - beta) * g.float() * scale.view(shape)
                 ema.copy_(torch.where(has.view(shape), new, ema))
         norms = torch.stack([torch.linalg.vector_norm(e.reshape(T, -1), dim=1) ** 2 for e in emas]).sum(0).sqrt()
-        alpha = norms.max() / (norms + 1e-8)
+        alpha = norms.max() / torch.where(norms > 0, norms, torch.ones_like(norms))
         return [c.to(g.dtype) for c, g in zip(weighted_sum(emas, alpha), grads)]

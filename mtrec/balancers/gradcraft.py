@@ -24,6 +24,7 @@ class GradCraft(GramBalancer):
 
     name = "gradcraft"
     paper = "Bai et al., KDD 2024 (arXiv 2407.19682)"
+    default_scope = "all"  # the official code flattens every parameter, embeddings included
 
     def __init__(self, num_tasks: int, *, tau: float = 1.0, eps: float = 1e-10):
         super().__init__(num_tasks)

@@ -20,6 +20,7 @@ class GradNorm(GradBalancer):
 
     name = "gradnorm"
     paper = "Chen et al., ICML 2018 (arXiv 1711.02257)"
+    default_scope = "all"  # LibMTL's G_t is over every shared parameter (the paper: the last shared layer)
     needs_losses = True
     betas = (0.9, 0.999)
     adam_eps = 1e-8
@@ -34,7 +35,7 @@ class GradNorm(GradBalancer):
     def weights(self) -> Tensor:
         return self.num_tasks * torch.softmax(self.logits, dim=0)
 
-    def combine(self, grads: list[Tensor], losses: Tensor | None = None) -> list[Tensor]:
+    def combine(self, grads: list[Tensor], losses: Tensor | None = None, parts=None) -> list[Tensor]:
         T = self.num_tasks
         losses = require_losses(self, losses)
         w = self.weights()

@@ -9,24 +9,58 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from mtrec.balancers.base import GramBalancer, check_int, check_real, small_dtype
+from mtrec.balancers.base import (GramBalancer, check_choice, check_int, check_real, gram_matrix, require_losses,
+                                  small_dtype, weighted_sum)
 from mtrec.balancers.linalg import solve, symmetric_eigh
+
+IMTL_VARIANTS = ("hybrid", "gradient", "loss")
 
 
 class IMTL(GramBalancer):
-    """IMTL-G, the gradient half of impartial multi-task learning (Liu et al., ICLR 2021).
+    """Impartial multi-task learning (Liu et al., ICLR 2021): IMTL-L's learned loss scales and
+    IMTL-G's impartial gradient; the hybrid of both is the default, as the paper's IMTL and LibMTL.
 
-    Find alpha with sum_t alpha_t = 1 such that g = sum_t alpha_t g_t has the same projection on
-    every unit task gradient u_t = g_t / ||g_t||: ``alpha_{2..T} = g_1 U^T (D U^T)^{-1}`` with rows
+    IMTL-L: each loss becomes ``e^{s_t} L_t - s_t`` with learnable s (init 0, an ``nn.Parameter``
+    the engine's optimizer trains without weight decay; its gradient ``e^{s_t} L_t - 1`` is set
+    here from the losses), so every gradient of task t, the task-specific parameters' included,
+    is scaled by e^{s_t} (``head_scales``). IMTL-G on the (scaled) task gradients: alpha with
+    sum_t alpha_t = 1 such that g = sum_t alpha_t g_t has the same projection on every unit task
+    gradient u_t = g_t / ||g_t||: ``alpha_{2..T} = g_1 U^T (D U^T)^{-1}`` with rows
     ``D_t = g_1 - g_t``, ``U_t = u_1 - u_t``. Here the anchor "task 1" is the task with the largest
     norm (the solution does not depend on the choice, and it must not be a zero gradient), tasks
     with an all-zero gradient get alpha = 0, and the T x T system is solved as ridge least squares
-    (delta = 1e-12 of its scale) so that collinear tasks do not break it. IMTL-L (learned loss
-    scales) is not part of a gradient balancer: the heads get their own unscaled gradients.
+    (delta = 1e-12 of its scale) so that collinear tasks do not break it.
+    ``variant``: ``hybrid`` (default), ``gradient`` (IMTL-G alone, raw losses) or ``loss``
+    (IMTL-L alone: the sum of the scaled gradients).
     """
 
     name = "imtl"
     paper = "Liu et al., ICLR 2021 (Towards Impartial Multi-task Learning)"
+    default_scope = "all"  # LibMTL balances every shared parameter
+    needs_losses = True  # IMTL-L's scales (the default hybrid); IMTL-G alone does not
+
+    def __init__(self, num_tasks: int, *, variant: str = "hybrid"):
+        super().__init__(num_tasks)
+        self.variant = check_choice(self.name, "variant", variant, IMTL_VARIANTS)
+        self.needs_losses = self.variant != "gradient"
+        if self.needs_losses:
+            self.log_scales = torch.nn.Parameter(torch.zeros(num_tasks))
+
+    def combine(self, grads: list[Tensor], losses: Tensor | None = None, parts=None) -> list[Tensor]:
+        if self.variant == "gradient":
+            return super().combine(grads, losses)
+        losses = require_losses(self, losses)
+        s = self.log_scales
+        scale = s.detach().exp()
+        with torch.no_grad():  # d/ds_t of e^{s_t} L_t - s_t, accumulated like a backward would
+            grad = scale * losses.to(scale.device) - 1
+            s.grad = grad if s.grad is None else s.grad + grad
+        self._head_scales = scale
+        if self.variant == "loss":
+            return weighted_sum(grads, scale)
+        gram = gram_matrix(grads)
+        alpha = self.weights(gram * (scale[:, None] * scale[None, :]).to(gram.dtype))
+        return weighted_sum(grads, alpha * scale.to(alpha.dtype))
 
     def weights(self, gram: Tensor, losses: Tensor | None = None) -> Tensor:
         T = self.num_tasks
@@ -58,6 +92,7 @@ class AlignedMTL(GramBalancer):
 
     name = "aligned-mtl"
     paper = "Senushkin et al., CVPR 2023 (arXiv 2305.19000)"
+    default_scope = "all"  # LibMTL balances every shared parameter
 
     def weights(self, gram: Tensor, losses: Tensor | None = None) -> Tensor:
         T = self.num_tasks
@@ -83,11 +118,13 @@ class NashMTL(GramBalancer):
     convex-concave iterations on the CPU towards the same fixed point. A ridge of 1e-9 M_tt per
     task keeps f bounded when 0 lies in the cone of the gradients; zero-gradient tasks get
     alpha = 0. As the official trainer, the combined gradient's norm is clipped to ``max_norm``
-    (0 turns clipping off).
+    (0 turns clipping off), and the task-specific parameters get ``alpha_t g_t`` unclipped (the
+    reference backpropagates ``sum_t alpha_t L_t`` and clips the shared parameters only).
     """
 
     name = "nash-mtl"
     paper = "Navon et al., ICML 2022 (arXiv 2202.01017)"
+    default_scope = "all"  # the official code and LibMTL balance every shared parameter
 
     def __init__(self, num_tasks: int, *, max_norm: float = 1.0, iterations: int = 20):
         super().__init__(num_tasks)
@@ -126,9 +163,18 @@ class NashMTL(GramBalancer):
             a = candidates.index_select(0, best.view(1))[0].clamp_min(1e-300)
         return torch.where(has, a, torch.zeros_like(a))
 
-    def weights(self, gram: Tensor, losses: Tensor | None = None) -> Tensor:
-        alpha = self.bargaining(gram)
+    def clipped(self, alpha: Tensor, gram: Tensor) -> Tensor:
+        """alpha scaled so that ``||sum_t alpha_t g_t|| <= max_norm`` (torch's ``clip_grad_norm_``)."""
         if self.max_norm > 0:
             norm = (alpha @ gram.to(alpha.dtype) @ alpha).clamp_min(0).sqrt()
             alpha = alpha * (self.max_norm / (norm + 1e-6)).clamp_max(1.0)
         return alpha
+
+    def weights(self, gram: Tensor, losses: Tensor | None = None) -> Tensor:
+        return self.clipped(self.bargaining(gram), gram)
+
+    def combine(self, grads: list[Tensor], losses: Tensor | None = None, parts=None) -> list[Tensor]:
+        gram = gram_matrix(grads)
+        alpha = self.bargaining(gram)
+        self._head_scales = alpha.float()
+        return weighted_sum(grads, self.clipped(alpha, gram))

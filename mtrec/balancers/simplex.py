@@ -111,6 +111,7 @@ class MGDA(GramBalancer):
     name = "mgda"
     paper = "Sener & Koltun, NeurIPS 2018 (arXiv 1810.04650)"
     default_scope = "representation"
+    alpha_on_heads = True  # the authors' trainer backpropagates sum_t alpha_t L_t
 
     def __init__(self, num_tasks: int, *, normalize: str = "none", iterations: int = 100):
         super().__init__(num_tasks)
@@ -157,6 +158,7 @@ class CAGrad(GramBalancer):
 
     name = "cagrad"
     paper = "Liu et al., NeurIPS 2021 (arXiv 2110.14048)"
+    default_scope = "all"  # the official code and LibMTL balance every shared parameter
     eps = 1e-8
 
     def __init__(self, num_tasks: int, *, c: float = 0.5, rescale: int = 1, iterations: int = 100):

@@ -106,6 +106,25 @@ class MultiTaskModel(nn.Module):
         """(parameter, slice along dim 0) pairs owned by task t."""
         return [(p, slice(t, t + 1)) for m in self.task_modules() for p in m.parameters()]
 
+    def parts(self) -> tuple[list[int], Tensor]:
+        """The parts of the shared tensors: the pieces an unfused network keeps as separate parameters
+        (what MetaBalance balances one by one, ``--balance-groups part``).
+
+        Returns, per ``shared_parameters()`` tensor, its number of parts along dim 0 (each expert of
+        a stacked bank, PLE's lower-level task experts included; each numeric feature's projection;
+        1 for any other tensor), and the first row of each segment of the fused embedding table (one
+        segment per categorical field, and per sequence with its own vocabulary), sorted: the part
+        of table row r is ``searchsorted(starts, r, right=True) - 1``.
+        """
+        stacked = {}
+        for module in self.modules():
+            if isinstance(module, StackedMLP) and module.n > 1:
+                stacked.update({id(p): module.n for p in module.parameters()})
+            elif isinstance(module, NumericProjection):
+                stacked.update({id(p): p.shape[0] for p in module.parameters()})
+        counts = [stacked.get(id(p), 1) for p in self.shared_parameters()]
+        return counts, torch.unique(self.embedding.offsets)
+
 
 class SharedBottom(MultiTaskModel):
     def __init__(self, vocab_sizes, num_numeric, positive_rates, cfg, sequences=()):

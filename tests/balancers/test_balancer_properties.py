@@ -183,3 +183,26 @@ def test_describe_lists_every_balancer_with_its_defaults():
     assert rows["gradnorm"]["needs"] == "per-task gradients + losses"
     for r in rows.values():
         assert r["paper"] and set(r) >= {"name", "kind", "needs", "hparams", "paper"}
+
+
+def scaled_balancer(name, scale):
+    """CoGrad's gamma has the units of 1 / g^2 by its rule, so gamma / scale^2 is the same method."""
+    return build(name, num_tasks=T, gamma=0.01 / scale**2) if name == "cograd" else build(name, num_tasks=T)
+
+
+@pytest.mark.parametrize("scale", [1e-6, 1e-3, 1e3])
+@pytest.mark.parametrize("name", GRAD)
+def test_gradients_scaled_by_any_factor_give_the_same_direction(name, scale):
+    """No absolute epsilon decides anything: over three steps (state included), gradients scaled by
+    c give c times the result (PCGrad's former absolute 1e-8 on ||g_j||^2 failed this at 1e-6);
+    Nash-MTL clips to an absolute max_norm by its rule, which keeps the direction only."""
+    unscaled, scaled = scaled_balancer(name, 1.0), scaled_balancer(name, scale)
+    for step in range(3):
+        grads = make_grads(seed=step)
+        torch.manual_seed(step)  # the same random orders (PCGrad, GradVac)
+        want = torch.cat([o.flatten() for o in unscaled.combine(grads, LOSSES)]).double()
+        torch.manual_seed(step)
+        got = torch.cat([o.flatten() for o in scaled.combine([g * scale for g in grads], LOSSES)]).double() / scale
+        assert float(want @ got / (want.norm() * got.norm())) > 1 - 1e-6, (name, step)
+        if name != "nash-mtl":
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * float(want.abs().max()))

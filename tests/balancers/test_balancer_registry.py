@@ -69,3 +69,37 @@ def test_every_balancer_builds_with_its_defaults(name):
     assert b.name == name and b.kind in ("loss", "grad")
     # The defaults the `mtrec balancers` table shows are valid values when passed back explicitly.
     build(name, num_tasks=3, **hparams(name))
+
+
+# What each method's paper / official code balances (docs/balancers.md, "Differences from the reference").
+FAITHFUL_DEFAULTS = {
+    "metabalance": ("all", "part"), "gradcraft": ("all", "-"), "cograd": ("all", "-"), "gradnorm": ("all", "-"),
+    "pcgrad": ("all", "-"), "mgda": ("representation", "-"), "cagrad": ("all", "-"), "imtl": ("all", "-"),
+    "gradvac": ("all", "-"), "aligned-mtl": ("all", "-"), "db-mtl": ("shared", "-"), "nash-mtl": ("all", "-"),
+}
+
+
+def test_balancers_command_shows_each_default_scope_and_groups():
+    import re
+
+    from typer.testing import CliRunner
+
+    from mtrec.cli import app
+
+    result = CliRunner().invoke(app, ["balancers"])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    for name in names():
+        scope, groups = FAITHFUL_DEFAULTS.get(name, ("-", "-"))  # loss weightings have neither
+        row = re.compile(rf"^. {re.escape(name)} +. (grad|loss) +. .* . {re.escape(scope)} +. {re.escape(groups)} +. ")
+        assert any(row.match(line) for line in lines), (name, scope, groups)
+
+
+def test_imtl_variants_and_balance_groups_are_checked():
+    from mtrec.config import TrainConfig
+
+    assert build("imtl", num_tasks=2).variant == "hybrid"
+    with pytest.raises(UserError, match="variant must be one of hybrid, gradient, loss"):
+        build("imtl", num_tasks=2, variant="geometric")
+    with pytest.raises(UserError, match="--balance-groups must be tensor or part, not 'layer'"):
+        TrainConfig(balance_groups="layer").validate()

@@ -137,7 +137,8 @@ def test_bf16_autocast_step_keeps_fp32_gradients_and_finite_state(balancer_name)
     balancer = balancers.build(balancer_name, num_tasks=3)
     seen = []
     original = balancer.combine
-    balancer.combine = lambda grads, losses=None: seen.append([g.dtype for g in grads]) or original(grads, losses)
+    balancer.combine = lambda grads, losses=None, **kw: seen.append([g.dtype for g in grads]) or original(
+        grads, losses, **kw)  # kw: the parts under --balance-groups part
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     stepper = Stepper(model, balancer, opt, balancer.default_scope, torch.device("cpu"), torch.bfloat16)
     for _ in range(3):
@@ -221,7 +222,7 @@ def test_a_balancer_output_that_is_not_finite_skips_the_step(scope):
     assert stepper.step(*data(seed=2)) is not None
     frozen = _frozen(model, balancer, opt)
     original = balancer.combine
-    balancer.combine = lambda grads, losses=None: [g * float("nan") for g in original(grads, losses)]
+    balancer.combine = lambda grads, losses=None, **kw: [g * float("nan") for g in original(grads, losses, **kw)]
     assert stepper.step(*data()) is None
     _assert_unchanged(frozen, model, balancer, opt)
     balancer.combine = original

@@ -27,11 +27,6 @@ class Group:
     def main(self) -> bool:
         return self.rank == 0
 
-    def shard(self, idx: Tensor) -> tuple[Tensor, float]:
-        """This rank's rows of a global batch and their share of it."""
-        local = idx[self.rank::self.world]
-        return local, local.numel() / idx.numel()
-
     def sum_(self, tensors: list[Tensor], scale: float = 1.0) -> None:
         """In place: ``t <- sum over ranks of scale * t`` for every tensor, in one all-reduce."""
         if not tensors:

@@ -6,6 +6,7 @@ import dataclasses
 import json
 import os
 import tomllib
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -115,6 +116,12 @@ class TrainConfig:
 def _typed(key: str, value: Any, kind: Any) -> Any:
     """``value`` checked against the field's annotation (an int is a float; a bool is no number)."""
     origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if origin in (typing.Union, types.UnionType):  # ``X | None``: None, or a valid X
+        options = [a for a in args if a is not type(None)]
+        if value is None and len(options) < len(args):
+            return None
+        if len(options) == 1:
+            return _typed(key, value, options[0])
     if origin is list:
         if isinstance(value, list) and all(_is(v, args[0]) for v in value):
             return [float(v) if args[0] is float else v for v in value]

@@ -331,9 +331,9 @@ class Trainer:
                 s.bad_streak += 1
                 s.bad_total += 1
                 if s.bad_streak >= cfg.max_bad_steps:
-                    raise UserError(f"{s.bad_streak} steps in a row had a non-finite loss: training stopped, the "
-                                    f"last good checkpoint is {self.run_dir / 'last.pt'} (check the data for "
-                                    "NaN/inf features, or lower --lr)")
+                    raise UserError(f"{s.bad_streak} steps in a row had a non-finite loss or gradient: training "
+                                    f"stopped, the last good checkpoint is {self.run_dir / 'last.pt'} (check the "
+                                    "data for NaN/inf features, or lower --lr or set --clip-grad)")
             else:
                 s.bad_streak = 0
                 loss_sum += losses

@@ -150,7 +150,8 @@ class CombinedOptimizer:
 
 def build_optimizer(model: nn.Module, extra_params: list[Tensor], embedding_optimizer: str, lr: float,
                     weight_decay: float, fused: bool | None = None):
-    """Adam over the model (``weight_decay``) and ``extra_params`` (none), and the tables' optimizer.
+    """Adam over the model's dense parameters (with ``weight_decay``) and ``extra_params`` (without),
+    and the tables' optimizer.
 
     ``adam``: one torch.optim.Adam over everything, tables included (dense gradients). Otherwise the
     tables get sparse gradients and their own optimizer, with the same lr and weight decay (L2 added

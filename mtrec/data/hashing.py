@@ -25,7 +25,8 @@ _POLY = np.uint64(0x100000001B3)  # the FNV prime: odd, so every power is invert
 _STRING_CHUNK = 1 << 18
 
 
-def _splitmix64(x: np.ndarray) -> np.ndarray:
+def splitmix64(x: np.ndarray) -> np.ndarray:
+    """The splitmix64 finaliser, elementwise over uint64."""
     with np.errstate(over="ignore"):
         z = x + _GOLDEN
         z = (z ^ (z >> np.uint64(30))) * _MIX1
@@ -54,7 +55,7 @@ def _hash_string_chunk(arr: pa.LargeStringArray) -> np.ndarray:
         with np.errstate(over="ignore"):
             sums[nonempty] = np.add.reduceat(terms, (offsets[:-1][nonempty] - offsets[0]))
     with np.errstate(over="ignore"):
-        return _splitmix64(sums ^ (lengths.astype(np.uint64) * _MIX2))
+        return splitmix64(sums ^ (lengths.astype(np.uint64) * _MIX2))
 
 
 def _hash_strings(series: pl.Series) -> np.ndarray:
@@ -70,10 +71,10 @@ def stable_hash(series: pl.Series) -> pl.Series:
     dtype = series.dtype
     if dtype.is_integer() or dtype == pl.Boolean:
         values = series.cast(pl.Int64).fill_null(0).to_numpy().view(np.uint64)
-        hashed = _splitmix64(values)
+        hashed = splitmix64(values)
     elif dtype.is_float():
         values = series.cast(pl.Float64).fill_null(0.0).to_numpy() + 0.0  # folds -0.0 into 0.0
-        hashed = _splitmix64(values.view(np.uint64))
+        hashed = splitmix64(values.view(np.uint64))
     else:
         hashed = _hash_strings(series.fill_null(""))
     out = pl.Series(series.name, hashed, dtype=pl.UInt64)

@@ -16,7 +16,6 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import polars as pl
 
 from mtrec.data.encode import OOV, PAD, encode, vocab_path
@@ -24,13 +23,13 @@ from mtrec.data.fit import fit
 from mtrec.data.labels import check_labels
 from mtrec.data.schema import Feature, Schema
 from mtrec.data.sources import column_list, resolve_inputs, scan_files
+from mtrec.data.splits import ROW_COL, SPLIT_COL, SPLITS, column_split, random_split, split_sizes, time_split
 from mtrec.data.spec import DEFAULT_MAX_LEN, DEFAULT_POOLING, ColumnSpec, load_spec
 from mtrec.errors import UserError
 
-SPLITS = ("train", "valid", "test")
 SPLIT_METHODS = ("time", "random")
 DEFAULT_RATIOS = (0.8, 0.1, 0.1)
-_SPLIT_COL = "__mtrec_split"
+ROW_GROUP = 1 << 17  # rows per row group of the encoded splits, so readers can stream them
 
 
 @dataclass
@@ -258,60 +257,6 @@ def _feature(name: str, kind: str, dtype: str, spec: ColumnSpec, min_count: int)
     return Feature(name, "categorical", dtype, min_count=spec.min_count or min_count)
 
 
-# --- splitting ------------------------------------------------------------------------------------
-
-def split_sizes(rows: int, ratios: tuple[float, float, float]) -> tuple[int, int, int]:
-    train = int(round(rows * ratios[0]))
-    valid = int(round(rows * ratios[1]))
-    return train, valid, rows - train - valid
-
-
-def assign_splits(frame: pl.LazyFrame, rows: int, method: str, ratios, seed: int,
-                  time: str | None) -> pl.Series:
-    """uint8 split of every row (0 train, 1 valid, 2 test), in input row order.
-
-    ``time``: rows sorted by the timestamp (stable, so ties keep input order), first share train,
-    then valid, then test. ``random``: a permutation drawn from ``seed``; exact split sizes.
-    """
-    if method == "time":
-        stamps = frame.select(pl.col(time)).collect(engine="streaming").to_series()
-        if stamps.null_count():
-            raise UserError(f"--time column {time!r} is null in {stamps.null_count():,} rows: fill or drop "
-                            "those rows, or use --split random")
-        order = np.argsort(stamps.to_physical().to_numpy(), kind="stable")
-    else:
-        order = np.random.default_rng(seed).permutation(rows)
-    n_train, n_valid, _ = split_sizes(rows, ratios)
-    assignment = np.full(rows, 2, dtype=np.uint8)
-    assignment[order[:n_train]] = 0
-    assignment[order[n_train:n_train + n_valid]] = 1
-    return pl.Series(_SPLIT_COL, assignment, dtype=pl.UInt8)
-
-
-def column_splits(frame: pl.LazyFrame, column: str) -> tuple[pl.Expr, tuple[int, int, int]]:
-    """The split given by a column of ``train`` / ``valid`` / ``test`` strings: (uint8 split
-    expression, rows per split). One pass over the column; any other value, a null, or a missing
-    part is a UserError."""
-    dtype = frame.collect_schema()[column]
-    if dtype != pl.String:
-        raise UserError(f"--split-column {column!r} is {dtype}: it must hold the strings train, valid and test")
-    counts = dict(frame.group_by(pl.col(column)).len().collect(engine="streaming").iter_rows())
-    nulls = counts.pop(None, 0)
-    if nulls:
-        raise UserError(f"--split-column {column!r} is null in {nulls:,} rows: give every row train, valid or test")
-    bad = sorted(set(counts) - set(SPLITS))
-    if bad:
-        shown = ", ".join(repr(v) for v in bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
-        raise UserError(f"--split-column {column!r} holds {shown}: its values must be exactly train, valid or test")
-    missing = [name for name in SPLITS if not counts.get(name)]
-    if missing:
-        raise UserError(f"--split-column {column!r} has no {' or '.join(missing)} rows: every split needs rows "
-                        "(add them, or use --split time / random)")
-    code = pl.col(column)
-    expr = pl.when(code == "train").then(0).when(code == "valid").then(1).otherwise(2).cast(pl.UInt8)
-    return expr.alias(_SPLIT_COL), tuple(counts[name] for name in SPLITS)
-
-
 # --- the run --------------------------------------------------------------------------------------
 
 def preprocess(inputs: list[str], labels: list[str], out: str, *, user: str | None = None,
@@ -345,8 +290,7 @@ def preprocess(inputs: list[str], labels: list[str], out: str, *, user: str | No
         if rows == 0:
             raise UserError(f"the input has no rows ({len(files)} file(s)): pass logs with data")
         if method == "column":
-            assignment, sizes = column_splits(frame, split_column)
-            frame = frame.with_columns(assignment)
+            assignment, sizes = column_split(frame, split_column)
             split_info = {"method": "column", "column": split_column}
         else:
             sizes = split_sizes(rows, ratios)
@@ -354,9 +298,12 @@ def preprocess(inputs: list[str], labels: list[str], out: str, *, user: str | No
                 if size == 0:
                     raise UserError(f"the {name} split would be empty ({rows:,} rows x {ratio:g}): use more rows "
                                     "or a larger ratio for it")
-            frame = frame.with_columns(assign_splits(frame, rows, method, ratios, seed, time))
+            frame = frame.with_row_index(ROW_COL)
+            assignment = (time_split(frame, rows, ratios, time) if method == "time"
+                          else random_split(rows, ratios, seed))
             split_info = {"method": method, "ratios": list(ratios), "seed": seed}
-        train = frame.filter(pl.col(_SPLIT_COL) == 0)
+        frame = frame.with_columns(assignment)
+        train = frame.filter(pl.col(SPLIT_COL) == 0)
         vocabs, _ = fit(train, feature_list, {c for c in (user, item) if c}, warnings)
     except (pl.exceptions.ComputeError, OSError) as err:
         raise _read_error(err) from err
@@ -372,12 +319,7 @@ def preprocess(inputs: list[str], labels: list[str], out: str, *, user: str | No
         for name, vocab in vocabs.items():
             vocab.write_parquet(vocab_path(tmp / "vocab", name))
         try:
-            # One encode plan, three filtered sinks: the shared plan runs once, streaming.
-            encoded = encode(frame, schema, tmp / "vocab", check=False, keep=(_SPLIT_COL,))
-            sinks = [encoded.filter(pl.col(_SPLIT_COL) == index).drop(_SPLIT_COL)
-                     .sink_parquet(tmp / f"{name}.parquet", compression="lz4", lazy=True)
-                     for index, name in enumerate(SPLITS)]
-            pl.collect_all(sinks, engine="streaming")
+            _write_splits(frame, schema, tmp)
         except (pl.exceptions.ComputeError, OSError) as err:
             raise _read_error(err) from err
         positive_rate, oov = _measure(tmp, schema)
@@ -392,7 +334,18 @@ def preprocess(inputs: list[str], labels: list[str], out: str, *, user: str | No
         raise
     return PreprocessSummary(out=str(out_path), schema=schema, files=[str(f) for f in files],
                              rows=dict(schema.rows), positive_rate=positive_rate,
-                             vocab_sizes={f.name: f.vocab_size for f in _coded_features(schema)}, oov_rate_valid=oov, warnings=warnings, seconds=clock.perf_counter() - started)
+                             vocab_sizes={f.name: f.vocab_size for f in _coded_features(schema)}, oov_rate_valid=oov,
+                             warnings=warnings, seconds=clock.perf_counter() - started)
+
+
+def _write_splits(frame: pl.LazyFrame, schema: Schema, directory: Path) -> None:
+    """One encode plan, three filtered sinks (row groups of ``ROW_GROUP`` rows): the shared plan
+    runs once, streaming."""
+    encoded = encode(frame, schema, directory / "vocab", check=False, keep=(SPLIT_COL,))
+    sinks = [encoded.filter(pl.col(SPLIT_COL) == index).drop(SPLIT_COL)
+             .sink_parquet(directory / f"{name}.parquet", compression="lz4", row_group_size=ROW_GROUP, lazy=True)
+             for index, name in enumerate(SPLITS)]
+    pl.collect_all(sinks, engine="streaming")
 
 
 def _read_error(err: Exception) -> UserError:

@@ -158,7 +158,7 @@ def test_history_shapes_rates_and_item_space(history_log):
 
 def test_history_carries_click_signal_that_no_other_column_has(history_log):
     log = history_log.with_row_index("row")
-    category = log.select(pl.col("item_id").alias("hist_items"), pl.col("item_category").alias("hist_category")).unique()
+    category = log.select(hist_items="item_id", hist_category="item_category").unique()
     match = (log.select("row", "item_category", "hist_items").explode("hist_items")
              .join(category, on="hist_items", how="left")
              .group_by("row").agg((pl.col("hist_category") == pl.col("item_category")).mean().alias("match")))

@@ -103,3 +103,25 @@ def test_imtl_variants_and_balance_groups_are_checked():
         build("imtl", num_tasks=2, variant="geometric")
     with pytest.raises(UserError, match="--balance-groups must be tensor or part, not 'layer'"):
         TrainConfig(balance_groups="layer").validate()
+
+
+@pytest.mark.parametrize("flags,scope,groups", [([], "all", "part"),
+                                                (["--balance-scope", "shared", "--balance-groups", "tensor"],
+                                                 "shared", "tensor")])
+def test_train_runs_metabalance_with_its_defaults_or_the_flags(encoded_synthetic, tmp_path, flags, scope, groups):
+    """`mtrec train --balancer metabalance` runs MetaBalance as published (scope all, per part) unless
+    --balance-scope / --balance-groups say otherwise; the run records what it used."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from mtrec.cli import app
+
+    data = encoded_synthetic("faithful", rows=3_000, seed=5) / "data"
+    out = tmp_path / "run"
+    result = CliRunner().invoke(app, ["train", str(data), "--target", "like", "--balancer", "metabalance", *flags,
+                                      "--epochs", "1", "--embedding-dim", "4", "--experts", "2", "--batch-size",
+                                      "1024", "--quiet", "--device", "cpu", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    config = json.loads((out / "config.json").read_text())
+    assert (config["scope"], config["balance_groups"]) == (scope, groups)

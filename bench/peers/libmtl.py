@@ -143,7 +143,9 @@ def run(quick: bool) -> None:
             grads = make_grads(SHAPES[size], T, seed=T)
             n = sum(math.prod(s) for s in SHAPES[size])
             for method in METHODS:
-                bal = balancers.build(method, num_tasks=T)
+                # IMTL's default is the hybrid, which needs the losses; with its loss scales at their
+                # start (s = 0) one step is IMTL-G, which is what LibMTL's first step computes too.
+                bal = balancers.build(method, num_tasks=T, **({"variant": "gradient"} if method == "imtl" else {}))
                 with torch.no_grad():
                     t_ours, reps_ours = adaptive_reps(lambda: bal.combine(grads), budget, 10, 200)
                 ours = bal.combine(grads)

@@ -40,10 +40,10 @@ class PCGrad(GramBalancer):
 
     For each i, for j in a shuffled order of all tasks: if ``h_i . g_j < 0`` then
     ``h_i -= (h_i . g_j) / ||g_j||^2 g_j``. The result is ``sum_i h_i`` (LibMTL;
-    ``reduction="mean"`` gives the original port's average). The reference adds an absolute 1e-8 to
-    ||g_j||^2, which is not small next to CTR gradients (squared norms of 1e-9 .. 1e-7 at batch
-    4096); none is needed (``h_i . g_j < 0`` implies ``g_j != 0``), so the result scales exactly
-    with the gradients.
+    ``reduction="mean"`` gives the original port's average). No epsilon on ||g_j||^2 (as LibMTL): an
+    absolute 1e-8 there, as mtrec once added, is not small next to CTR gradients (squared norms of
+    1e-9 .. 1e-7 at batch 4096), and none is needed (``h_i . g_j < 0`` implies ``g_j != 0``), so the
+    result scales exactly with the gradients.
     """
 
     name = "pcgrad"

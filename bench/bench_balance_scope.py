@@ -25,7 +25,7 @@ from mtrec.config import TrainConfig  # noqa: E402
 from mtrec.data.schema import Schema  # noqa: E402
 from mtrec.data.tensors import load_split  # noqa: E402
 from mtrec.step import Stepper  # noqa: E402
-from mtrec.train import autocast_dtype, build_for, feature_names, make_optimizer  # noqa: E402
+from mtrec.build import autocast_dtype, build_for, feature_names, make_optimizer  # noqa: E402
 
 SETTINGS = [("ew", "shared", "tensor"),
             ("metabalance", "shared", "tensor"), ("metabalance", "all", "tensor"), ("metabalance", "all", "part"),

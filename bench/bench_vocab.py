@@ -41,7 +41,8 @@ from mtrec.data.schema import Schema  # noqa: E402
 from mtrec.data.tensors import load_split  # noqa: E402
 from mtrec.evaluate import evaluate_run  # noqa: E402
 from mtrec.step import Stepper  # noqa: E402
-from mtrec.train import build_for, feature_names, make_optimizer, train  # noqa: E402
+from mtrec.build import build_for, feature_names, make_optimizer  # noqa: E402
+from mtrec.train import train  # noqa: E402
 
 CENSUS = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "census_income_kdd" / \
     "census_income_kdd_test.parquet"

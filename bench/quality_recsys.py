@@ -22,6 +22,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import mtrec.build  # noqa: E402
+import mtrec.evaluate  # noqa: E402
 import mtrec.train  # noqa: E402
 from mtrec.config import TrainConfig  # noqa: E402
 from mtrec.data.preprocess import preprocess  # noqa: E402
@@ -55,16 +57,19 @@ def esmm(work: Path, rows: int, seeds: list[int]) -> dict[str, list[float]]:
     preprocess([str(work / "log.parquet")], ["click", "like", "share"], str(work / "data"), user="user_id",
                item="item_id", time="ts")
     results: dict[str, list[float]] = {"esmm ctcvr": [], "plain share": []}
-    real = mtrec.train.objective_for
+    modules = (mtrec.build, mtrec.train, mtrec.evaluate)  # every place that builds the objective
+    real = mtrec.build.objective_for
     for seed in seeds:
         base = dict(data=str(work / "data"), model="esmm", target="share", tasks=["share", "click"],
                     conditions=["share:click"], seed=seed, **SMALL)
         results["esmm ctcvr"].append(_test_auc(TrainConfig(out=str(work / f"esmm-{seed}"), **base), "ctcvr"))
-        mtrec.train.objective_for = lambda cfg, tasks: Objective(tasks, {})  # the same network, plain losses
+        for module in modules:  # the same network, plain losses
+            module.objective_for = lambda cfg, tasks: Objective(tasks, {})
         try:
             results["plain share"].append(_test_auc(TrainConfig(out=str(work / f"plain-{seed}"), **base), "share"))
         finally:
-            mtrec.train.objective_for = real
+            for module in modules:
+                module.objective_for = real
         print({k: round(v[-1], 4) for k, v in results.items()}, flush=True)
     return results
 

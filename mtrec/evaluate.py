@@ -1,69 +1,25 @@
-"""Scoring: predictions over a whole split, per-task metrics, and evaluating a saved run."""
+"""``mtrec evaluate``: rebuild a saved run and score a split (or raw logs) with ``mtrec.scoring``."""
 
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import polars as pl
-import torch
 
-from mtrec import checkpoint, metrics
+from mtrec import checkpoint
+from mtrec.build import build_for, feature_names, objective_for, resolve_device
 from mtrec.data.stream import ParquetSplit, available_memory
-from mtrec.data.tensors import Split, eval_batches, fits_on_device, frame_to_split, load_split
+from mtrec.data.tensors import Split, fits_on_device, frame_to_split, load_split
 from mtrec.errors import UserError
 from mtrec.report import err_console
-
-
-@torch.no_grad()
-def predict(model, split: Split, batch_size: int) -> torch.Tensor:
-    """Logits ``[N, T]`` computed in fp32 on the model's device, whatever precision training used:
-    bf16 logits keep 8 significant bits, so scores tie by the thousand and AUC, GAUC, NDCG, early
-    stopping and best.pt would be quantised and differ between GPU and CPU (docs/design.md)."""
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device  # a host-resident split is copied batch by batch
-    out = []
-    with torch.autocast(device.type, enabled=False):
-        for codes, numeric in eval_batches(split, batch_size):
-            out.append(model(codes.to(device), numeric.to(device)).float())
-    model.train(was_training)
-    return torch.cat(out)
-
-
-def split_metrics(model, split: Split, objective, batch_size: int, k: int) -> dict:
-    """{column: {auc, gauc, logloss, ndcg, positive_rate, n, condition}} in task order (conditional
-    tasks over the rows where their condition holds; ESMM adds ``ctcvr``), plus the mean over the
-    tasks. ``objective``: a ``mtrec.objective.Objective`` (which tasks, which conditions)."""
-    logits = predict(model, split, batch_size)
-    users = None if split.users is None else split.users.to(logits.device)
-    per_task = {}
-    for column in objective.columns(logits, split.labels.to(logits.device)):
-        scores, labels, groups = column.logits, column.labels, users
-        if column.rows is not None:
-            scores, labels = scores[column.rows], labels[column.rows]
-            groups = None if users is None else users[column.rows]
-        (row,) = metrics.task_metrics(scores, labels, groups, k=k)
-        per_task[column.name] = {"auc": row["auc"], "gauc": row["gauc"], "logloss": row["logloss"],
-                                 "ndcg": row[f"ndcg@{k}"], "positive_rate": row["positive_rate"], "n": row["n"],
-                                 "condition": column.condition}
-    tasks = [per_task[t] for t in objective.tasks if t in per_task]
-    per_task["mean"] = {key: _mean([r[key] for r in tasks]) for key in ("auc", "gauc", "logloss", "ndcg", "positive_rate")}
-    per_task["mean"]["n"] = len(split)
-    return per_task
-
-
-def _mean(values):
-    values = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
-    return sum(values) / len(values) if values else None
+from mtrec.scoring import split_metrics
 
 
 def load_run(run_dir: str | Path, which: str = "best", device: str = "cpu"):
     """Rebuild the model of a run from its config and checkpoint. Returns (model, cfg, tasks, schema)."""
     from mtrec.config import TrainConfig, read_run_config
     from mtrec.data.schema import Schema
-    from mtrec.train import build_for
 
     run_dir = Path(run_dir)
     cfg = TrainConfig.from_dict(read_run_config(run_dir))
@@ -87,7 +43,6 @@ def load_run(run_dir: str | Path, which: str = "best", device: str = "cpu"):
 def evaluate_run(run_dir: str | Path, data: str | None = None, raw: str | None = None, split: str = "test",
                  device: str = "auto", which: str = "best") -> dict:
     from mtrec.data.schema import Schema
-    from mtrec.train import feature_names, objective_for, resolve_device
 
     dev = resolve_device(device)
     model, cfg, tasks, run_schema = load_run(run_dir, which, dev)

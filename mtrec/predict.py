@@ -40,9 +40,10 @@ def predict_log(run_dir: str | Path, raw: list[str], out: str | Path, *, keep: l
     from mtrec.data.schema import Schema
     from mtrec.data.sources import column_list, scan_inputs
     from mtrec.data.tensors import frame_to_split
-    from mtrec.evaluate import _check_same_schema, load_run, predict
+    from mtrec.build import feature_names, objective_for, resolve_device
+    from mtrec.evaluate import _check_same_schema, load_run
+    from mtrec.scoring import predict
     from mtrec.objective import CTCVR
-    from mtrec.train import feature_names, objective_for, resolve_device
 
     out = Path(out)
     if out.exists() and not force:

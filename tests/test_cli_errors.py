@@ -213,9 +213,10 @@ def test_evaluate_bad_input(world, tmp_path, case):
 def test_evaluate_raw_logs_match_encoded_split(world, tmp_path):
     """Raw logs through the saved vocabularies score exactly like the rows preprocess encoded."""
     from mtrec.data.tensors import frame_to_split
-    from mtrec.evaluate import load_run, split_metrics
+    from mtrec.evaluate import load_run
+    from mtrec.scoring import split_metrics
     from mtrec.objective import Objective
-    from mtrec.train import feature_names
+    from mtrec.build import feature_names
 
     code, out = invoke("evaluate", world / "run", "--json", "--device", "cpu", "--raw", world / "log.parquet")
     assert code == 0, out

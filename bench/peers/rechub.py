@@ -158,7 +158,7 @@ def run_rechub(data: str, out: str, balancer: str, seed: int) -> dict:
 
     from mtrec.data.schema import Schema
     from mtrec.data.tensors import load_split
-    from mtrec.train import feature_names
+    from mtrec.build import feature_names
 
     torch.manual_seed(seed)
     np.random.seed(seed)
@@ -220,7 +220,7 @@ def _spread(values: list[float]) -> str:
 
 def run(quick: bool, seeds_arg: str | None, workdir: str | None) -> None:
     from mtrec.data.schema import Schema
-    from mtrec.train import feature_names
+    from mtrec.build import feature_names
 
     header("MMoE training on Census-Income: mtrec vs torch-rechub")
     from importlib.metadata import version

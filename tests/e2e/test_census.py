@@ -17,7 +17,8 @@ from mtrec.config import TrainConfig
 from mtrec import checkpoint
 from mtrec.data.schema import Schema
 from mtrec.evaluate import evaluate_run
-from mtrec.train import build_for, train
+from mtrec.build import build_for
+from mtrec.train import train
 
 CENSUS = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "census_income_kdd" / \
     "census_income_kdd_test.parquet"

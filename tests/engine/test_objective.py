@@ -8,7 +8,7 @@ from sklearn.metrics import log_loss, roc_auc_score
 
 from mtrec.data.tensors import Split
 from mtrec.errors import UserError
-from mtrec.evaluate import split_metrics
+from mtrec.scoring import split_metrics
 from mtrec.models import ModelConfig, build
 from mtrec.objective import Objective, ctcvr_logit, parse_conditions
 

@@ -162,8 +162,9 @@ def test_scoring_is_fp32_whatever_the_training_precision(data_dir, tmp_path):
     """One checkpoint trained under bf16 autocast, scored with its bf16 config and with fp32: the
     same metrics (bf16 logits would tie by the thousand and move GAUC / NDCG)."""
     from mtrec.data.tensors import load_split
-    from mtrec.evaluate import evaluate_run, load_run, predict
-    from mtrec.train import feature_names
+    from mtrec.evaluate import evaluate_run, load_run
+    from mtrec.scoring import predict
+    from mtrec.build import feature_names
 
     run = tmp_path / "run"
     Trainer(TrainConfig(data=str(data_dir), out=str(run), epochs=1, precision="bf16", **SMALL), quiet=True).run()

@@ -168,7 +168,7 @@ def test_memory_stays_flat_over_2000_metabalance_steps(data_dir):
     from mtrec.data.schema import Schema
     from mtrec.data.tensors import batches, epoch_permutation, load_split
     from mtrec.step import Stepper
-    from mtrec.train import build_for, feature_names
+    from mtrec.build import build_for, feature_names
 
     torch.set_num_threads(1)
     schema = Schema.load(data_dir)

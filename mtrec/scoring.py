@@ -1,0 +1,53 @@
+"""Scoring a split: fp32 predictions batch by batch, and per-task metrics over the rows each task covers."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from mtrec import metrics
+from mtrec.data.tensors import Split, eval_batches
+
+
+@torch.no_grad()
+def predict(model, split: Split, batch_size: int) -> torch.Tensor:
+    """Logits ``[N, T]`` computed in fp32 on the model's device, whatever precision training used:
+    bf16 logits keep 8 significant bits, so scores tie by the thousand and AUC, GAUC, NDCG, early
+    stopping and best.pt would be quantised and differ between GPU and CPU (docs/design.md)."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device  # a host-resident split is copied batch by batch
+    out = []
+    with torch.autocast(device.type, enabled=False):
+        for codes, numeric in eval_batches(split, batch_size):
+            out.append(model(codes.to(device), numeric.to(device)).float())
+    model.train(was_training)
+    return torch.cat(out)
+
+
+def split_metrics(model, split: Split, objective, batch_size: int, k: int) -> dict:
+    """{column: {auc, gauc, logloss, ndcg, positive_rate, n, condition}} in task order (conditional
+    tasks over the rows where their condition holds; ESMM adds ``ctcvr``), plus the mean over the
+    tasks. ``objective``: a ``mtrec.objective.Objective`` (which tasks, which conditions)."""
+    logits = predict(model, split, batch_size)
+    users = None if split.users is None else split.users.to(logits.device)
+    per_task = {}
+    for column in objective.columns(logits, split.labels.to(logits.device)):
+        scores, labels, groups = column.logits, column.labels, users
+        if column.rows is not None:
+            scores, labels = scores[column.rows], labels[column.rows]
+            groups = None if users is None else users[column.rows]
+        (row,) = metrics.task_metrics(scores, labels, groups, k=k)
+        per_task[column.name] = {"auc": row["auc"], "gauc": row["gauc"], "logloss": row["logloss"],
+                                 "ndcg": row[f"ndcg@{k}"], "positive_rate": row["positive_rate"], "n": row["n"],
+                                 "condition": column.condition}
+    tasks = [per_task[t] for t in objective.tasks if t in per_task]
+    per_task["mean"] = {key: _mean([r[key] for r in tasks]) for key in ("auc", "gauc", "logloss", "ndcg", "positive_rate")}
+    per_task["mean"]["n"] = len(split)
+    return per_task
+
+
+def _mean(values):
+    values = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    return sum(values) / len(values) if values else None

@@ -4,6 +4,9 @@ model, balancer and optimizer, and where the data lives. One home for what ``tra
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+
 import torch
 
 from mtrec import balancers
@@ -76,10 +79,9 @@ def sequence_fields(schema: Schema) -> list[SequenceField]:
 
 
 def model_config(cfg: TrainConfig) -> ModelConfig:
-    return ModelConfig(embedding_dim=cfg.embedding_dim, expert_sizes=list(cfg.expert_sizes),
-                       tower_sizes=list(cfg.tower_sizes), num_experts=cfg.num_experts,
-                       shared_experts=cfg.shared_experts, task_experts=cfg.task_experts, levels=cfg.levels,
-                       dropout=cfg.dropout)
+    """The model's view of the run's config: ModelConfig's fields are TrainConfig fields of the
+    same names (tests/engine/test_config.py holds them to it), so nothing is renamed on the way."""
+    return ModelConfig(**{f.name: copy.copy(getattr(cfg, f.name)) for f in dataclasses.fields(ModelConfig)})
 
 
 def start_rates(schema: Schema, tasks: list[str], objective: Objective) -> list[float]:

@@ -6,6 +6,7 @@ exit code 2 (``--debug`` shows the traceback). Ctrl-C during training exits 130 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import traceback
@@ -120,12 +121,12 @@ def train(
     model: Annotated[Optional[str], typer.Option(help="single, shared-bottom, mmoe, ple or esmm.")] = None,
     target: Annotated[Optional[str], typer.Option(help="Target task (task 0; --select and early stopping use it).")] = None,
     tasks: Annotated[Optional[str], typer.Option(help="Comma-separated tasks (default: every label).")] = None,
-    condition: Annotated[Optional[list[str]], typer.Option(
-        help="TASK:GIVEN, e.g. purchase:click: TASK is trained and scored only where GIVEN = 1 (repeat).")] = None,
+    conditions: Annotated[Optional[list[str]], typer.Option(
+        "--condition", help="TASK:GIVEN, e.g. purchase:click: TASK is trained and scored only where GIVEN = 1 (repeat).")] = None,
     balancer: Annotated[Optional[str], typer.Option(help="Balancer name (see mtrec balancers).")] = None,
     balancer_opt: Annotated[Optional[list[str]], typer.Option(help="Balancer hyperparameter key=value (repeat).")] = None,
-    balance_scope: Annotated[Optional[str], typer.Option(
-        help="shared, all or representation (default: the balancer's, see mtrec balancers).")] = None,
+    scope: Annotated[Optional[str], typer.Option(
+        "--balance-scope", help="shared, all or representation (default: the balancer's, see mtrec balancers).")] = None,
     balance_groups: Annotated[Optional[str], typer.Option(
         help="tensor or part: one group per tensor, or per expert / field (default: the balancer's).")] = None,
     epochs: Annotated[Optional[int], typer.Option(help="Maximum epochs.")] = None,
@@ -146,7 +147,7 @@ def train(
     select: Annotated[Optional[str], typer.Option(
         help="Target-task validation metric for best.pt and early stopping: auc, gauc or logloss.")] = None,
     embedding_dim: Annotated[Optional[int], typer.Option(help="Embedding width.")] = None,
-    experts: Annotated[Optional[int], typer.Option(help="MMoE experts.")] = None,
+    num_experts: Annotated[Optional[int], typer.Option("--experts", help="MMoE experts.")] = None,
     levels: Annotated[Optional[int], typer.Option(help="PLE levels (1 = CGC).")] = None,
     expert_sizes: Annotated[Optional[str], typer.Option(help="Expert / bottom layer sizes, e.g. 256,128.")] = None,
     tower_sizes: Annotated[Optional[str], typer.Option(help="Tower layer sizes, e.g. 64.")] = None,
@@ -158,8 +159,8 @@ def train(
         help="device, host, stream (row groups from disk, shuffled in a buffer) or auto (stream when the "
              "train split exceeds --memory-budget, else device when it fits there).")] = None,
     shuffle_buffer: Annotated[Optional[int], typer.Option(help="Rows shuffled together when streaming.")] = None,
-    memory_budget: Annotated[Optional[float], typer.Option(
-        help="GiB a split may take in memory before auto streams it (default: half the available memory).")] = None,
+    memory_budget_gb: Annotated[Optional[float], typer.Option(
+        "--memory-budget", help="GiB a split may take in memory before auto streams it (default: half the available memory).")] = None,
     diagnostics_every: Annotated[Optional[int], typer.Option(help="Gradient diagnostics every N steps (0: off).")] = None,
     max_bad_steps: Annotated[Optional[int], typer.Option(help="Non-finite steps in a row before stopping.")] = None,
     checkpoint_every: Annotated[Optional[int], typer.Option(help="Save last.pt every N steps (0: epochs only).")] = None,
@@ -178,22 +179,7 @@ def train(
         values.update(_resume_changes(ctx))
     else:
         values = read_toml(config) if config else {}
-        flags = dict(data=data, model=model, target=target, balancer=balancer, scope=balance_scope,
-                     balance_groups=balance_groups, epochs=epochs,
-                     batch_size=batch_size, lr=lr, weight_decay=weight_decay,
-                     embedding_optimizer=embedding_optimizer, seed=seed, device=device,
-                     precision=precision, patience=patience, embedding_dim=embedding_dim, num_experts=experts,
-                     levels=levels, max_bad_steps=max_bad_steps, checkpoint_every=checkpoint_every, out=out,
-                     shared_experts=shared_experts, task_experts=task_experts, dropout=dropout, ndcg_k=ndcg_k,
-                     diagnostics_every=diagnostics_every, data_placement=data_placement, shuffle_buffer=shuffle_buffer,
-                     memory_budget_gb=memory_budget, expert_sizes=_int_list(expert_sizes, "--expert-sizes"),
-                     tower_sizes=_int_list(tower_sizes, "--tower-sizes"), lr_schedule=lr_schedule,
-                     warmup_steps=warmup_steps, clip_grad=clip_grad, select=select)
-        values.update({k: v for k, v in flags.items() if v is not None})
-        if tasks:
-            values["tasks"] = _split_list(tasks)
-        if condition:
-            values["conditions"] = list(condition)
+        values.update(_config_flags(ctx))
         if balancer_opt:
             values["balancer_opts"] = {**values.get("balancer_opts", {}), **dict(parse_opt(o) for o in balancer_opt)}
         if not values.get("data"):
@@ -229,15 +215,36 @@ def _int_list(text: Optional[str], flag: str) -> Optional[list[int]]:
 RESUMABLE = ("epochs", "patience", "device", "checkpoint_every", "max_bad_steps")
 
 
+def _config_flags(ctx: typer.Context) -> dict:
+    """The TrainConfig fields given as flags: the command's parameters carry the fields' names, so
+    no setting is renamed between the command line, the TOML file and the model."""
+    from mtrec.config import TrainConfig
+
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    lists = {"expert_sizes": "--expert-sizes", "tower_sizes": "--tower-sizes"}
+    values = {}
+    for name, value in ctx.params.items():
+        if name not in fields or value is None:
+            continue
+        if name in lists:
+            value = _int_list(value, lists[name])
+        elif name == "tasks":
+            value = _split_list(value)
+        elif name == "conditions":
+            value = list(value)
+        values[name] = value
+    return values
+
+
 def _resume_changes(ctx: typer.Context) -> dict:
     """The resumable settings given on the command line; any other flag is refused, in one line."""
     given = [name for name in ctx.params if name not in ("resume", "quiet")
              and getattr(ctx.get_parameter_source(name), "name", None) == "COMMANDLINE"]
     refused = [name for name in given if name not in RESUMABLE]
     if refused:
-        flag = {"data": "DATA", "balance_scope": "--balance-scope", "balance_groups": "--balance-groups"}
-        names = ", ".join(flag.get(n, "--" + n.replace("_", "-")) for n in refused)
-        allowed = ", ".join("--" + n.replace("_", "-") for n in RESUMABLE)
+        flag = {p.name: (p.opts[0] if p.opts[0].startswith("-") else p.name.upper()) for p in ctx.command.params}
+        names = ", ".join(flag[n] for n in refused)
+        allowed = ", ".join(flag[n] for n in RESUMABLE)
         raise UserError(f"--resume continues the saved run as it was configured, so {names} cannot change: only "
                         f"{allowed} and --quiet can (start a new run to change the rest)")
     return {name: ctx.params[name] for name in given}

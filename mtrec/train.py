@@ -127,9 +127,11 @@ class Trainer:
                 shutil.rmtree(self.run_dir)
             self.run_dir.mkdir(parents=True)
             checkpoint.atomic_write_text(self.run_dir / "schema.json", json.dumps(self.schema.to_dict(), indent=2))
+        # The resolved settings (task order, the balancer's scope and groups) are the config: one
+        # source of truth in config.json and in every checkpoint, for evaluate and --resume.
+        cfg = self.cfg = dataclasses.replace(cfg, tasks=self.tasks, scope=self.scope, balance_groups=self.stepper.groups)
         if self.main:  # on resume too: --epochs, --patience ... may have changed
-            config = {**cfg.to_dict(), "tasks": self.tasks, "scope": self.scope,
-                      "balance_groups": self.stepper.groups, "mtrec_version": 1}
+            config = {**cfg.to_dict(), "mtrec_version": 1}
             checkpoint.atomic_write_text(self.run_dir / "config.json", json.dumps(config, indent=2))
 
     # --- checkpoints ------------------------------------------------------------------------

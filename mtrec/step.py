@@ -106,7 +106,7 @@ class Stepper:
         self.shared_params = model.shared_parameters()
         self.part_counts, self.row_starts = (
             model.parts() if self.groups == "part" and balancer.kind == "grad" and scope != "representation"
-            else (None, None))
+            and hasattr(model, "parts") else (None, None))  # SingleTask shares nothing, so has no parts
         # On CPU the loop of T backward passes measured 1.6x faster than the vmapped batched call
         # (MMoE, batch 4096, docs/results.md); on CUDA the batched call saves T-1 rounds of launches.
         self.grads = PerTaskGrads(self.num_tasks, batched=None if device.type == "cuda" else False)

@@ -15,7 +15,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from mtrec.balancers.base import GradBalancer, GramBalancer, check_choice, check_real, gram_matrix, lazy_state, small_dtype
+from mtrec.balancers.base import (GradBalancer, GramBalancer, check_choice, check_real, gram_matrix, lazy_state,
+                                  small_dtype)
 from mtrec.balancers.parts import group_grams, group_weighted_sum
 
 REDUCTIONS = ("sum", "mean")
@@ -64,7 +65,8 @@ class PCGrad(GramBalancer):
             dot = ((C @ M) * visit).sum(1)  # h_i . g_j for each i's current j
             sq_j = (visit * sq[None, :]).sum(1)
             conflict = dot < 0
-            step = torch.where(conflict, dot / torch.where(conflict, sq_j, torch.ones_like(sq_j)), torch.zeros_like(dot))
+            safe = torch.where(conflict, sq_j, torch.ones_like(sq_j))  # a conflict implies g_j != 0
+            step = torch.where(conflict, dot / safe, torch.zeros_like(dot))
             C = C - step[:, None] * visit
         return C
 

@@ -111,8 +111,8 @@ class MultiTaskModel(nn.Module):
         (what MetaBalance balances one by one, ``--balance-groups part``).
 
         Returns, per ``shared_parameters()`` tensor, its number of parts along dim 0 (each expert of
-        a stacked bank, PLE's lower-level task experts included; each numeric feature's projection;
-        1 for any other tensor), and the first row of each segment of the fused embedding table (one
+        a stacked bank, PLE's lower-level task experts and gates included; each numeric feature's
+        projection; 1 for any other tensor), and the first row of each segment of the fused embedding table (one
         segment per categorical field, and per sequence with its own vocabulary), sorted: the part
         of table row r is ``searchsorted(starts, r, right=True) - 1``.
         """

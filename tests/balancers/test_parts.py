@@ -86,3 +86,27 @@ def test_parts_change_metabalance_where_the_parts_differ_in_scale():
     per_tensor = build("metabalance", num_tasks=T).combine(grads)
     assert not torch.allclose(per_part[0], per_tensor[0], rtol=1e-2)
     torch.testing.assert_close(per_part[1], per_tensor[1])  # a one-part tensor is the same either way
+
+
+def test_what_a_part_is_for_every_shared_tensor():
+    """Experts (MMoE's, PLE's shared and lower-level task experts) and PLE's lower-level task gates one
+    part each, numeric features one each, anything else whole; the table one segment per field and
+    per sequence with its own vocabulary (a sequence sharing a field's rows is that field's part)."""
+    from mtrec.models import ModelConfig, SequenceField
+    from mtrec.models import build as build_model
+
+    vocab = [5, 7, 3]
+    sequences = [SequenceField("hist_items", 4, share_with=1), SequenceField("tags", 2, vocab_size=6)]
+    cfg = ModelConfig(embedding_dim=4, expert_sizes=[8, 4], num_experts=3, shared_experts=2, task_experts=2, levels=2)
+    mmoe = build_model("mmoe", vocab, 2, [0.5, 0.3], cfg, sequences)
+    counts, starts = mmoe.parts()
+    names = [n for n, p in mmoe.named_parameters() if any(p is q for q in mmoe.shared_parameters())]
+    assert dict(zip(names, counts)) == {"numeric.weight": 2, "numeric.bias": 2, "experts.weights.0": 3,
+                                        "experts.biases.0": 3, "experts.weights.1": 3, "experts.biases.1": 3}
+    assert starts.tolist() == [0, 5, 12, 15]  # fields 0, 1 (its rows also the history's), 2, then tags
+    ple = build_model("ple", vocab, 0, [0.5, 0.3], cfg)
+    counts, _ = ple.parts()
+    shared = {n: c for (n, p), c in zip(((n, p) for n, p in ple.named_parameters()
+                                         if any(p is q for q in ple.shared_parameters())), counts)}
+    assert {n.rsplit(".", 2)[0]: c for n, c in shared.items()} == {
+        "shared_experts.0": 2, "task_experts.0": 4, "task_gates.0": 2, "shared_gates.0": 1, "shared_experts.1": 2}

@@ -255,6 +255,10 @@ def _saved_config(run_dir: str) -> dict:
 
     values = read_run_config(run_dir)
     values.setdefault("embedding_optimizer", "adam")  # runs from before the flag updated tables densely
+    if "balance_groups" not in values:  # runs from before the faithful defaults balanced per tensor, IMTL-G only
+        values["balance_groups"] = "tensor"
+        if values.get("balancer") == "imtl":
+            values["balancer_opts"] = {"variant": "gradient", **values.get("balancer_opts", {})}
     values["out"] = str(run_dir)
     return values
 

@@ -125,3 +125,19 @@ def test_train_runs_metabalance_with_its_defaults_or_the_flags(encoded_synthetic
     assert result.exit_code == 0, result.output
     config = json.loads((out / "config.json").read_text())
     assert (config["scope"], config["balance_groups"]) == (scope, groups)
+
+
+def test_a_run_saved_before_the_faithful_defaults_resumes_as_it_was_trained(tmp_path):
+    """Its config has no balance_groups (it balanced per tensor) and its IMTL was IMTL-G alone: the
+    resumed run keeps both, so the checkpointed state still fits."""
+    import json
+
+    from mtrec.cli import _saved_config
+
+    old = {"data": str(tmp_path), "out": str(tmp_path), "balancer": "imtl", "scope": "shared", "balancer_opts": {}}
+    (tmp_path / "config.json").write_text(json.dumps(old))
+    values = _saved_config(str(tmp_path))
+    assert values["balance_groups"] == "tensor" and values["balancer_opts"] == {"variant": "gradient"}
+    new = {**old, "balancer": "metabalance", "balance_groups": "part"}
+    (tmp_path / "config.json").write_text(json.dumps(new))
+    assert _saved_config(str(tmp_path))["balance_groups"] == "part"

@@ -13,6 +13,7 @@ import os
 import shutil
 import time as clock
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -263,12 +264,14 @@ def preprocess(inputs: list[str], labels: list[str], out: str, *, user: str | No
                item: str | None = None, time: str | None = None, spec: str | None = None,
                split: str | None = None, ratios=None, seed: int = 0, min_count: int = 1,
                force: bool = False, features: list[str] | None = None,
-               exclude: list[str] | None = None, split_column: str | None = None) -> PreprocessSummary:
+               exclude: list[str] | None = None, split_column: str | None = None,
+               on_stage: Callable[[str], None] | None = None) -> PreprocessSummary:
     """Encode raw logs into ``out`` (see docs/data-format.md); returns what the CLI prints.
 
     ``split`` defaults to ``"time"`` when ``time`` is given, else ``"random"``; ``ratios`` to
     8:1:1. ``split_column`` names a column of train / valid / test strings that gives the split
-    instead (it cannot be combined with ``split`` or ``ratios``).
+    instead (it cannot be combined with ``split`` or ``ratios``). ``on_stage(text)`` is called as
+    each pass over the data starts (the CLI shows it on a terminal).
     """
     started = clock.perf_counter()
     warnings: list[str] = []
@@ -286,9 +289,12 @@ def preprocess(inputs: list[str], labels: list[str], out: str, *, user: str | No
                                     features=features, exclude=list(exclude or []), min_count=min_count,
                                     warnings=warnings, split_column=split_column)
     try:
+        stage = on_stage or (lambda text: None)
+        stage("checking the labels")
         rows = check_labels(frame, labels, warnings)
         if rows == 0:
             raise UserError(f"the input has no rows ({len(files)} file(s)): pass logs with data")
+        stage(f"assigning the {method} split")
         if method == "column":
             assignment, sizes = column_split(frame, split_column)
             split_info = {"method": "column", "column": split_column}
@@ -304,6 +310,7 @@ def preprocess(inputs: list[str], labels: list[str], out: str, *, user: str | No
             split_info = {"method": method, "ratios": list(ratios), "seed": seed}
         frame = frame.with_columns(assignment)
         train = frame.filter(pl.col(SPLIT_COL) == 0)
+        stage("fitting vocabularies and statistics on the train rows")
         vocabs, _ = fit(train, feature_list, {c for c in (user, item) if c}, warnings)
     except (pl.exceptions.ComputeError, OSError) as err:
         raise _read_error(err) from err
@@ -319,9 +326,11 @@ def preprocess(inputs: list[str], labels: list[str], out: str, *, user: str | No
         for name, vocab in vocabs.items():
             vocab.write_parquet(vocab_path(tmp / "vocab", name))
         try:
+            stage("encoding and writing the splits")
             _write_splits(frame, schema, tmp)
         except (pl.exceptions.ComputeError, OSError) as err:
             raise _read_error(err) from err
+        stage("measuring positive and OOV rates")
         positive_rate, oov = _measure(tmp, schema)
         schema.positive_rate = dict(positive_rate["train"])
         for feature in _coded_features(schema):

@@ -291,3 +291,11 @@ def test_sample_data_is_what_its_readme_command_makes_and_its_spec_works(tmp_pat
     assert summary.schema.feature("item_popularity").bucketize == 10
     assert summary.schema.feature("item_price").log1p
     assert summary.warnings == []
+
+
+def test_each_pass_is_announced_in_order(raw_path, tmp_path):
+    stages: list[str] = []
+    preprocess([str(raw_path)], ["click"], str(tmp_path / "out"), time="ts", exclude=["rank"], on_stage=stages.append)
+    assert stages == ["checking the labels", "assigning the time split",
+                      "fitting vocabularies and statistics on the train rows", "encoding and writing the splits",
+                      "measuring positive and OOV rates"]

@@ -97,6 +97,8 @@ def preprocess(
     force: Annotated[bool, typer.Option(help="Replace an existing output directory.")] = False,
 ):
     """Encode raw Parquet logs into train/valid/test splits, vocabularies and a schema."""
+    import contextlib
+
     from mtrec.data.preprocess import preprocess as run
 
     ratio_values = None
@@ -109,7 +111,11 @@ def preprocess(
                   min_count=min_count, force=force, exclude=_split_list(exclude), split_column=split_column)
     if split:
         kwargs["split"] = split
-    summary = run(inputs, _split_list(labels), str(out), **kwargs)
+    # one spinner naming the current pass on a terminal; nothing when piped
+    with console.status("preprocess") if console.is_terminal else contextlib.nullcontext() as status:
+        if status is not None:
+            kwargs["on_stage"] = lambda text: status.update(f"preprocess: {text}")
+        summary = run(inputs, _split_list(labels), str(out), **kwargs)
     render_preprocess(summary)
     console.print(f"wrote {out}")
 

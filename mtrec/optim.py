@@ -55,10 +55,32 @@ def touched(grad: Tensor) -> tuple[Tensor, Tensor]:
                            "nn.Embedding.sparse set (make_optimizer does that)")
     if grad.is_coalesced():
         return grad.indices()[0], grad.values()
+    if grad.device.type == "cuda":
+        return _touched_fixed_shape(grad._indices()[0], grad._values())
     # What coalesce() computes, measured 1.7x faster on CPU (one unique, one index_add).
     rows, where = torch.unique(grad._indices()[0], return_inverse=True)
     values = grad._values()
     return rows, values.new_zeros((rows.numel(), *values.shape[1:])).index_add_(0, where, values)
+
+
+def _touched_fixed_shape(index: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
+    """``touched`` without a host sync: ``torch.unique`` has a data-dependent size, so on CUDA it
+    waits for the device. Here every tensor keeps the batch's ``N`` lookups: sort, number the runs
+    of equal rows, sum each run into its slot, and fill the slots past the last run with copies of
+    the last run (same row, same sum), so the optimizer writes identical values twice where it
+    would have written once: the result of the unique rows, up to the order of the float sums
+    of duplicate lookups (tests/engine/test_optim.py)."""
+    n = index.numel()
+    if n == 0:
+        return index, values
+    ordered, order = torch.sort(index)
+    first = torch.ones(n, dtype=torch.bool, device=index.device)
+    first[1:] = ordered[1:] != ordered[:-1]
+    run = torch.cumsum(first, 0) - 1
+    sums = values.new_zeros(values.shape).index_add_(0, run, values.index_select(0, order))
+    rows = ordered.new_zeros(n).scatter_(0, run, ordered)
+    slot = torch.minimum(torch.arange(n, device=index.device), run[-1])
+    return rows.index_select(0, slot), sums.index_select(0, slot)
 
 
 class RowOptimizer(torch.optim.Optimizer):

@@ -29,12 +29,13 @@ from __future__ import annotations
 
 import contextlib
 import warnings
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mtrec.balancers.base import Balancer, GradBalancer, LossBalancer, tensor_grams
+from mtrec.balancers.base import Balancer, LossBalancer, tensor_grams
 from mtrec.balancers.parts import Parts
 from mtrec.objective import Objective
 from mtrec.optim import embedding_tables, empty_row_grad, row_grad
@@ -90,13 +91,28 @@ def _no_batching_rule(err: RuntimeError) -> bool:
     return not isinstance(err, torch.cuda.OutOfMemoryError) and ("vmap" in text or "batching rule" in text)
 
 
+@dataclass
+class Batch:
+    codes: Tensor
+    numeric: Tensor
+    labels: Tensor
+    share: float = 1.0  # this rank's fraction of the global batch (1 without torchrun)
+
+
 class Stepper:
-    """Owns model, optimizer and balancer for the step; ``step(batch)`` returns detached losses."""
+    """Owns model, optimizer and balancer for the step; ``step(batch)`` returns detached losses.
+
+    Built with everything that is fixed for a run (scope, groups, the torchrun ``group``); a step
+    gets what varies per batch (the rank's batch share, whether to sample diagnostics) as
+    arguments. Each scope is one short function that sets the parameters' gradients and returns
+    the losses and the tensors that must be finite for the update to be applied.
+    """
 
     def __init__(self, model, balancer: Balancer, optimizer: torch.optim.Optimizer, scope: str,
                  device: torch.device, autocast_dtype: torch.dtype | None, objective: Objective | None = None,
-                 clip_grad: float = 0.0, groups: str | None = None):
+                 clip_grad: float = 0.0, groups: str | None = None, group=None):
         self.model, self.balancer, self.optimizer, self.scope = model, balancer, optimizer, scope
+        self.group = group  # a distributed.Group under torchrun: gradients are summed across ranks
         # "tensor" or "part" (None: the balancer's own default, else per tensor).
         self.groups = groups or getattr(balancer, "default_groups", None) or "tensor"
         self.num_tasks = model.num_tasks
@@ -106,31 +122,31 @@ class Stepper:
         self.shared_params = model.shared_parameters()
         self.part_counts, self.row_starts = (
             model.parts() if self.groups == "part" and balancer.kind == "grad" and scope != "representation"
-            and hasattr(model, "parts") else (None, None))  # SingleTask shares nothing, so has no parts
+            and hasattr(model, "parts")
+            else (None, None))
         # On CPU the loop of T backward passes measured 1.6x faster than the vmapped batched call
         # (MMoE, batch 4096, docs/results.md); on CUDA the batched call saves T-1 rounds of launches.
         self.grads = PerTaskGrads(self.num_tasks, batched=None if device.type == "cuda" else False)
         self.autocast = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype
                          else contextlib.nullcontext())
-        self.group = None  # a distributed.Group under torchrun: gradients are summed across ranks
-        self.share = 1.0  # this rank's fraction of the global batch (set by the loop)
-        self.want_diagnostics = False  # set by the loop on sampled steps
-        self.diagnostics: dict[str, Tensor] | None = None
+        self.gradients = (self._loss_weighting if isinstance(balancer, LossBalancer) else
+                          {"shared": self._shared, "all": self._all, "representation": self._representation}[scope])
+        self.diagnostics: dict[str, Tensor] | None = None  # the last sampled step's, for the loop to log
         # Clipping by global norm after balancing (0: off); steps it scaled, counted on the device.
         self.clip_grad = clip_grad
         self.clipped = torch.zeros((), dtype=torch.long, device=device)
 
-    def step(self, codes: Tensor, numeric: Tensor, labels: Tensor) -> Tensor | None:
+    def step(self, codes: Tensor, numeric: Tensor, labels: Tensor, share: float = 1.0,
+             diagnose: bool = False) -> Tensor | None:
         """One update; returns the ``[T]`` losses, or None when the losses or the gradients it would
         apply were not finite: then the step is skipped and no parameter, optimizer or balancer
         state changes (what ``weigh`` / ``combine`` changed is restored)."""
+        batch = Batch(codes, numeric, labels, share)
         self.optimizer.zero_grad(set_to_none=True)
+        self.diagnostics = None
         before = self.balancer.snapshot()
-        if isinstance(self.balancer, LossBalancer):
-            losses = self._loss_weighting(codes, numeric, labels)
-        else:
-            losses = self._grad_combination(codes, numeric, labels)
-        if losses is None:
+        losses, finite = self.gradients(batch, diagnose)
+        if not bool(finite):  # the step's one host sync
             self.balancer.restore(before)
             self.diagnostics = None
             return None
@@ -139,9 +155,115 @@ class Stepper:
         self.optimizer.step()
         if isinstance(self.balancer, LossBalancer) and self.balancer.needs_lookahead:
             with torch.no_grad(), self.autocast:
-                after = self._losses(self.model(codes, numeric), labels)
-                self.balancer.after_step(self.group.global_losses(after, self.share) if self.group else after)
+                after = self._losses(self.model(codes, numeric), batch)
+                self.balancer.after_step(self.group.global_losses(after, share) if self.group else after)
         return losses
+
+    # --- the three scopes and loss weighting: set .grad, return (losses, device flag "all finite") ---
+    def _loss_weighting(self, b: Batch, diagnose: bool):
+        with self.autocast:
+            logits = self.model(b.codes, b.numeric)
+        losses = self._losses(logits, b)
+        if self.group:
+            losses = self.group.global_losses(losses, b.share)
+        if diagnose and self.shared_params:
+            # Sampled steps only: what the tasks' gradients look like under this loss weighting.
+            self._diagnose(self.grads(losses, self.shared_params, retain_graph=True))
+        self.balancer.weigh(losses).backward()
+        return losses.detach(), self._finite(losses, self._param_grads(b.share))
+
+    def _representation(self, b: Batch, diagnose: bool):
+        model = self.model
+        with self.autocast:
+            z = model.encode(model.embed(b.codes), b.numeric, b.codes)
+            leaves = [t.detach().requires_grad_() for t in z]
+            logits = model.decode(tuple(leaves))
+        losses = self._losses(logits, b)
+        grads = self.grads(losses, leaves + self.task_params)
+        rep_grads, task_grads = grads[:len(leaves)], grads[len(leaves):]
+        combined, inputs_finite = self._combine(rep_grads, losses.detach())
+        if diagnose:
+            self._diagnose(rep_grads)
+        torch.autograd.backward(list(z), [c.to(t.dtype) for c, t in zip(combined, z)])
+        # The shared part's gradients come from this backward of the balancer's output: what the
+        # optimizer would apply there is checked, not only the balancer's inputs.
+        applied = [p.grad for p in model.parameters() if p.grad is not None]
+        heads = self._set_task_grads(task_grads)
+        return losses.detach(), inputs_finite & self._finite(losses, task_grads + combined + applied + heads)
+
+    def _shared(self, b: Batch, diagnose: bool):
+        e, losses, grads = self._per_task(b)
+        shared_grads, task_grads, e_grads = grads[:len(self.shared_params)], grads[len(self.shared_params):-1], grads[-1]
+        combined, inputs_finite = self._combine(shared_grads, losses, **self._parts())
+        e.backward(e_grads.sum(0))  # the embedding rows get the plain sum of the tasks' gradients
+        if self.group:
+            self.group.sum_grads_([self.model.embedding.table.weight], b.share)
+        self._set_shared_grads(combined, shared_grads, diagnose)
+        heads = self._set_task_grads(task_grads)
+        return losses, inputs_finite & self._finite(losses, [e_grads, *task_grads, *combined, *heads])
+
+    def _all(self, b: Batch, diagnose: bool):
+        e, losses, grads = self._per_task(b)
+        shared_grads, task_grads, e_grads = grads[:len(self.shared_params)], grads[len(self.shared_params):-1], grads[-1]
+        table = self.model.embedding.table.weight
+        # Per-task gradients of the touched rows [T, U, d]: never a dense per-task copy of the table.
+        touched, where = torch.unique(self.model.embedding.rows(b.codes).flatten(), return_inverse=True)
+        row_grads = e_grads.new_zeros((self.num_tasks, touched.numel(), table.shape[1]))
+        row_grads.index_add_(1, where, e_grads.flatten(1, 2))
+        combined, inputs_finite = self._combine(shared_grads + [row_grads], losses, **self._parts(touched))
+        rows_grad = combined[-1].to(table.dtype)
+        # The touched rows go to a sparse embedding optimizer as they are; a dense table-sized
+        # gradient only for --embedding-optimizer adam.
+        table.grad = (row_grad(table, touched, rows_grad) if self.model.embedding.table.sparse
+                      else torch.zeros_like(table).index_add_(0, touched, rows_grad))
+        self._set_shared_grads(combined[:-1], shared_grads, diagnose)
+        heads = self._set_task_grads(task_grads)
+        return losses, inputs_finite & self._finite(losses, [*task_grads, *combined, *heads])
+
+    # --- pieces the scopes share -----------------------------------------------------------------
+    def _per_task(self, b: Batch) -> tuple[Tensor, Tensor, list[Tensor]]:
+        """Forward with the lookup output as a leaf; per-task gradients of the shared parameters,
+        the task parameters and the looked-up rows (summed over ranks under torchrun)."""
+        model = self.model
+        with self.autocast:
+            e = model.embed(b.codes)
+            leaf = e.detach().requires_grad_()
+            logits = model.decode(model.encode(leaf, b.numeric, b.codes))
+        losses = self._losses(logits, b)
+        grads = self.grads(losses, self.shared_params + self.task_params + [leaf])
+        detached = losses.detach()
+        if self.group:  # the global batch's per-task gradients, before the balancer sees them
+            self.group.sum_(grads[:-1], b.share)
+            detached = self.group.global_losses(detached, b.share)
+        return e, detached, grads
+
+    def _combine(self, inputs: list[Tensor], losses: Tensor, **parts) -> tuple[list[Tensor], Tensor]:
+        """The balancer's output, and a device flag: were its inputs finite? Non-finite inputs are
+        replaced by zeros for the balancer (which every method handles), so no solver sees NaN and
+        the skip is decided once, after the step's gradients exist; the state a skipped step
+        changed is restored by ``step``."""
+        finite = self._finite(losses, inputs)
+        zero = torch.zeros((), device=losses.device)
+        safe = [torch.where(finite, g.float(), zero) for g in inputs]
+        return self.balancer.combine(safe, torch.where(finite, losses, 1.0), **parts), finite
+
+    def _set_shared_grads(self, combined: list[Tensor], shared_grads: list[Tensor], diagnose: bool) -> None:
+        if diagnose:
+            self._diagnose(shared_grads)
+        for p, g in zip(self.shared_params, combined):
+            p.grad = g.to(p.dtype)
+
+    def _set_task_grads(self, task_grads: list[Tensor]) -> list[Tensor]:
+        """Each task's own gradient on the task-specific parameters (scaled where the method's
+        reference does); returns the head scales, if any, for the finiteness check."""
+        head = self.balancer.head_scales()
+        for p, g in zip(self.task_params, task_grads):
+            own = g.sum(0) if head is None else torch.einsum("t,t...->...", head.to(g.dtype), g)
+            p.grad = own.to(p.dtype)
+        return [] if head is None else [head]
+
+    def _losses(self, logits: Tensor, b: Batch) -> Tensor:
+        return self.objective.losses(logits, b.labels, self.group, b.share)
 
     def _clip(self) -> None:
         """Scale every gradient the optimizer applies by ``min(1, clip_grad / global norm)`` (fp32
@@ -155,31 +277,27 @@ class Stepper:
             g.mul_(scale.to(g.dtype))
         self.clipped += norm > self.clip_grad
 
-    def _losses(self, logits: Tensor, labels: Tensor) -> Tensor:
-        return self.objective.losses(logits, labels, self.group, self.share)
-
     def _diagnose(self, grads: list[Tensor]) -> None:
         """Per shared tensor: per-task gradient norms [K, T] and pairwise cosines [K, T, T]."""
-        if not self.want_diagnostics:
-            return
         gram = tensor_grams([g.detach() for g in grads])
         norms = gram.diagonal(dim1=1, dim2=2).clamp_min(0).sqrt()
         cos = gram / (norms.unsqueeze(2) * norms.unsqueeze(1)).clamp_min(1e-30)
         self.diagnostics = {"norms": norms, "cosines": cos}
 
-    def _finite(self, losses: Tensor, grads: list[Tensor] = ()) -> bool:
-        """The step's host sync: a non-finite loss or gradient must not touch parameters or state."""
+    def _finite(self, losses: Tensor, tensors: list[Tensor]) -> Tensor:
+        """A 0-dim device flag (no host sync): the losses and every tensor are finite (one sum per
+        tensor is non-finite iff an element is, or it overflows, ~1e38). Under torchrun the flag is
+        the same on every rank (one all-reduce), so every rank skips the same steps."""
         total = losses.detach().sum().float()
-        if grads:
-            # One pass per tensor: a sum is non-finite iff some element is (or it overflows, ~1e38).
+        if tensors:
             total = total + torch.stack([(g._values() if g.is_sparse else g).sum(dtype=torch.float32)
-                                         for g in grads]).sum()
-        if self.group:  # every rank must take the same decision
+                                         for g in tensors]).sum()
+        if self.group:
             total = total.reshape(1)
             self.group.sum_([total])
-        return bool(torch.isfinite(total).all())
+        return torch.isfinite(total).reshape(())
 
-    def _param_grads(self) -> list[Tensor]:
+    def _param_grads(self, share: float) -> list[Tensor]:
         """The gradients of every optimized parameter; under several processes first summed
         (share-weighted) across ranks, which needs the same list on every rank."""
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
@@ -188,94 +306,8 @@ class Stepper:
         for table in embedding_tables(self.model):
             if table.sparse and table.weight.grad is None:  # sparse on every rank, even with no rows here
                 table.weight.grad = empty_row_grad(table.weight)
-        self.group.sum_grads_(params, self.share)
+        self.group.sum_grads_(params, share)
         return [p.grad for p in params]
-
-    def _loss_weighting(self, codes, numeric, labels):
-        with self.autocast:
-            logits = self.model(codes, numeric)
-        losses = self._losses(logits, labels)
-        if self.group:
-            losses = self.group.global_losses(losses, self.share)
-        if self.want_diagnostics and self.shared_params:
-            # Sampled steps only: what the tasks' gradients look like under this loss weighting.
-            self._diagnose(self.grads(losses, self.shared_params, retain_graph=True))
-        self.balancer.weigh(losses).backward()
-        # One check covers the losses and every gradient the optimizer would apply.
-        if not self._finite(losses, self._param_grads()):
-            return None
-        return losses.detach()
-
-    def _grad_combination(self, codes, numeric, labels):
-        model, T = self.model, self.num_tasks
-        balancer: GradBalancer = self.balancer  # type: ignore[assignment]
-        with self.autocast:
-            e = model.embed(codes)
-            if self.scope == "representation":
-                z = model.encode(e, numeric, codes)
-                leaves = [t.detach().requires_grad_() for t in z]
-                logits = model.decode(tuple(leaves))
-            else:
-                leaves = [e.detach().requires_grad_()]
-                logits = model.decode(model.encode(leaves[0], numeric, codes))
-        losses = self._losses(logits, labels)
-        detached = losses.detach()
-        if self.scope == "representation":
-            grads = self.grads(losses, leaves + self.task_params)
-            if not self._finite(detached, grads):  # before the balancer updates any state
-                return None
-            rep_grads, task_grads = grads[:len(leaves)], grads[len(leaves):]
-            combined = balancer.combine([g.float() for g in rep_grads], detached)
-            head = balancer.head_scales()
-            self._diagnose(rep_grads)
-            torch.autograd.backward(list(z), [c.to(t.dtype) for c, t in zip(combined, z)])
-            # The shared part's gradients come from this backward of the balancer's output: what
-            # the optimizer would apply there is checked, not only the balancer's inputs.
-            applied = [p.grad for p in model.parameters() if p.grad is not None]
-            if not self._finite(detached, applied + ([] if head is None else [head])):
-                return None
-        else:
-            shared = self.shared_params
-            grads = self.grads(losses, shared + self.task_params + leaves)
-            if self.group:  # the global batch's per-task gradients, before the balancer sees them
-                self.group.sum_(grads[:-1], self.share)
-                detached = self.group.global_losses(detached, self.share)
-            if not self._finite(detached, grads):  # before the balancer updates any state
-                return None
-            shared_grads = grads[:len(shared)]
-            task_grads = grads[len(shared):-1]
-            e_grads = grads[-1]  # [T, B, F, d]
-            if self.scope == "all":
-                table = model.embedding.table.weight
-                rows = model.embedding.rows(codes).flatten()
-                touched, where = torch.unique(rows, return_inverse=True)
-                row_grads = e_grads.new_zeros((T, touched.numel(), table.shape[1]))
-                row_grads.index_add_(1, where, e_grads.flatten(1, 2))
-                combined = balancer.combine([g.float() for g in shared_grads] + [row_grads.float()], detached,
-                                            **self._parts(touched))
-                head = balancer.head_scales()
-                if not self._finite(detached, combined + ([] if head is None else [head])):  # what is applied
-                    return None
-                rows_grad = combined.pop().to(table.dtype)
-                # The touched rows go to the optimizer as they are under a sparse embedding
-                # optimizer; the dense table-sized gradient only for --embedding-optimizer adam.
-                table.grad = (row_grad(table, touched, rows_grad) if model.embedding.table.sparse
-                              else torch.zeros_like(table).index_add_(0, touched, rows_grad))
-            else:
-                combined = balancer.combine([g.float() for g in shared_grads], detached, **self._parts())
-                head = balancer.head_scales()
-                if not self._finite(detached, combined + ([] if head is None else [head])):  # what is applied
-                    return None
-                e.backward(e_grads.sum(0))
-                if self.group:
-                    self.group.sum_grads_([model.embedding.table.weight], self.share)
-            self._diagnose(shared_grads)
-            for p, g in zip(shared, combined):
-                p.grad = g.to(p.dtype)
-        for p, g in zip(self.task_params, task_grads):
-            own = g.sum(0) if head is None else torch.einsum("t,t...->...", head.to(g.dtype), g)
-            p.grad = own.to(p.dtype)
-        return detached
 
     def _parts(self, touched: Tensor | None = None) -> dict:
         """``{"parts": Parts}`` for ``combine`` under ``--balance-groups part`` (else nothing): the

@@ -48,76 +48,70 @@ class LoopState:
     history: list[dict] = field(default_factory=list)
 
 
+@dataclass
+class Window:
+    """What the loop accumulates between two progress reports (losses stay on the device)."""
+
+    loss_sum: torch.Tensor
+    good: int = 0
+    steps: int = 0
+    samples: int = 0
+
+
 class Trainer:
+    """Wiring, then the loop: the run directory, data, model, balancer, optimizer and stepper are
+    built and checked once, before the first step."""
+
     def __init__(self, cfg: TrainConfig, resume: bool = False, force: bool = False, quiet: bool = False):
-        if not cfg.out:
-            raise UserError("--out is required: the run directory to create")
-        # Absolute paths in config.json: evaluate, predict and --resume must not depend on the cwd.
-        cfg = self.cfg = dataclasses.replace(cfg.validate(), data=str(Path(cfg.data).resolve()),
-                                             out=str(Path(cfg.out).resolve()))
+        cfg = self.cfg = resolved_paths(cfg)
         self.run_dir = Path(cfg.out)
-        if resume:
-            if not (self.run_dir / "last.pt").exists():
-                raise UserError(f"nothing to resume in {self.run_dir}: no last.pt (start a new run without --resume)")
-        else:
+        if resume and not (self.run_dir / "last.pt").exists():
+            raise UserError(f"nothing to resume in {self.run_dir}: no last.pt (start a new run without --resume)")
+        if not resume:
             check_run_dir(self.run_dir, Path(cfg.data), force)
         self.schema = Schema.load(cfg.data)
         self.tasks = resolve_tasks(self.schema, cfg.target, cfg.tasks)
-        if cfg.select == "gauc" and not self.schema.user:
-            raise UserError("--select gauc needs a user column: preprocess with --user, or select auc or logloss")
+        check_task_settings(cfg, self.schema, self.tasks)
         self.objective = objective_for(cfg, self.tasks)
-        if self.schema.positive_rate.get(self.tasks[0], 1.0) <= 0.0:
-            raise UserError(f"the target task {self.tasks[0]!r} has no positive in the train split: "
-                            "choose another --target or split the data differently")
-        self.device = resolve_device(cfg.device)
-        self.group = distributed.from_env(self.device.type)
-        if self.group and self.device.type == "cuda":
-            self.device = torch.device("cuda", distributed.local_rank())
-            torch.cuda.set_device(self.device)
+        self.device, self.group = run_device(cfg)
         self.main = self.group is None or self.group.main
         self.quiet = quiet or not self.main
-        if cfg.scope and cfg.scope not in SCOPES:
-            raise UserError(f"--balance-scope must be one of {', '.join(SCOPES)}, not {cfg.scope!r}")
         torch.manual_seed(cfg.seed)
         self.model, self.balancer = build_for(cfg, self.schema, self.tasks)
-        if isinstance(self.model, SingleTask) and self.balancer.kind == "grad":
-            raise UserError("--model single shares no parameters, so there is nothing to balance: "
-                            "use --balancer ew (or a loss-weighting balancer)")
-        self.scope = cfg.scope or self.balancer.default_scope
-        if self.balancer.kind == "grad" and self.scope not in self.balancer.scopes:
-            raise UserError(f"{cfg.balancer} cannot run with --balance-scope {self.scope}: use "
-                            f"{' or '.join(self.balancer.scopes)}")
-        if self.group and self.balancer.kind == "grad" and self.scope != "shared":
-            # Touched rows and representation gradients are per-rank rows; balancing them across
-            # ranks would need a gather of variable-size tensors (not built yet).
-            default = "" if cfg.scope else f", {cfg.balancer}'s default"
-            raise UserError(f"with several processes, gradient balancers run in --balance-scope shared only "
-                            f"(not {self.scope}{default}): pass --balance-scope shared")
+        self.scope = balance_scope(cfg, self.model, self.balancer, self.group)
         self.model.to(self.device)
         self.balancer.to(self.device)
+        self._load_data()
+        self.optimizer = make_optimizer(self.model, self.balancer, cfg, self.device)
+        self.stepper = Stepper(self.model, self.balancer, self.optimizer, self.scope, self.device,
+                               autocast_dtype(cfg, self.device), self.objective, clip_grad=cfg.clip_grad,
+                               groups=cfg.balance_groups or None, group=self.group)
+        self.state = LoopState()
+        self.stop_requested = False
+        # The resolved settings (task order, the balancer's scope and groups) are the config: one
+        # source of truth in config.json and in every checkpoint, for evaluate and --resume.
+        self.cfg = dataclasses.replace(cfg, tasks=self.tasks, scope=self.scope, balance_groups=self.stepper.groups)
+        self._open_run_dir(resume)
+
+    def _load_data(self) -> None:
+        """Train and valid splits where ``data_placement`` puts them: on the device, in host
+        memory (batches copied one ahead), or streamed from disk."""
+        cfg = self.cfg
         categorical, numeric = feature_names(self.schema)
         on_disk = [ParquetSplit(Path(cfg.data) / f"{name}.parquet", categorical, numeric, self.tasks)
                    for name in ("train", "valid")]
         self.placement = data_placement(cfg, on_disk[0], self.device)
+        self.on_device = self.placement == "device"
         if self.placement == "stream":
             self.train_split, self.valid_split = on_disk
-        else:
-            self.train_split = load_split(cfg.data, "train", categorical, numeric, self.tasks)
-            self.valid_split = load_split(cfg.data, "valid", categorical, numeric, self.tasks)
-        self.on_device = self.placement == "device"
+            return
+        self.train_split, self.valid_split = (load_split(cfg.data, name, categorical, numeric, self.tasks)
+                                              for name in ("train", "valid"))
         if self.on_device:
             self.train_split = self.train_split.to(self.device)
             self.valid_split = self.valid_split.to(self.device)
-        if self.device.type == "cuda":
-            torch.backends.cuda.matmul.allow_tf32 = True
-            torch.backends.cudnn.allow_tf32 = True
-        self.optimizer = make_optimizer(self.model, self.balancer, cfg, self.device)
-        self.stepper = Stepper(self.model, self.balancer, self.optimizer, self.scope, self.device,
-                               autocast_dtype(cfg, self.device), self.objective, clip_grad=cfg.clip_grad,
-                               groups=cfg.balance_groups or None)
-        self.stepper.group = self.group
-        self.state = LoopState()
-        self.stop_requested = False
+
+    def _open_run_dir(self, resume: bool) -> None:
         if self.group:
             self.group.barrier()  # every rank has checked the run directory before rank 0 touches it
         if resume:
@@ -127,11 +121,8 @@ class Trainer:
                 shutil.rmtree(self.run_dir)
             self.run_dir.mkdir(parents=True)
             checkpoint.atomic_write_text(self.run_dir / "schema.json", json.dumps(self.schema.to_dict(), indent=2))
-        # The resolved settings (task order, the balancer's scope and groups) are the config: one
-        # source of truth in config.json and in every checkpoint, for evaluate and --resume.
-        cfg = self.cfg = dataclasses.replace(cfg, tasks=self.tasks, scope=self.scope, balance_groups=self.stepper.groups)
         if self.main:  # on resume too: --epochs, --patience ... may have changed
-            config = {**cfg.to_dict(), "mtrec_version": 1}
+            config = {**self.cfg.to_dict(), "mtrec_version": 1}
             checkpoint.atomic_write_text(self.run_dir / "config.json", json.dumps(config, indent=2))
 
     # --- checkpoints ------------------------------------------------------------------------
@@ -201,59 +192,67 @@ class Trainer:
 
     def _epoch(self, progress: TrainProgress) -> None:
         cfg, s = self.cfg, self.state
-        n = len(self.train_split)
-        steps = math.ceil(n / cfg.batch_size)
+        steps = math.ceil(len(self.train_split) / cfg.batch_size)
         progress.epoch(s.epoch, steps, s.step)
-        loss_sum = torch.zeros(len(self.tasks), device=self.device)
-        good, pending_steps, pending_samples = 0, 0, 0
-        diag_path = self.run_dir / "diagnostics.jsonl"
-        shard = (self.group.rank, self.group.world) if self.group else None
-        if self.placement == "stream":
-            stream = stream_batches(self.train_split, cfg.batch_size, cfg.seed, s.epoch, cfg.shuffle_buffer,
-                                    self.device, start=s.step, shard=shard)
-        else:
-            perm = epoch_permutation(n, cfg.seed, s.epoch, self.device if self.on_device else "cpu")
-            feed = batches if self.on_device else functools.partial(host_batches, device=self.device)
-            stream = feed(self.train_split, perm, cfg.batch_size, start=s.step, shard=shard)
-        for codes, numeric, labels in stream:
-            self.stepper.want_diagnostics = (self.main and cfg.diagnostics_every > 0
-                                             and s.global_step % cfg.diagnostics_every == 0)
-            if shard:
-                self.stepper.share = labels.shape[0] / min(cfg.batch_size, n - s.step * cfg.batch_size)
+        self.window = Window(torch.zeros(len(self.tasks), device=self.device))
+        for codes, numeric, labels in self._batches():
             set_lr(self.optimizer, lr_factor(cfg.lr_schedule, cfg.warmup_steps, s.global_step, cfg.epochs * steps))
-            losses = self.stepper.step(codes, numeric, labels)
-            s.step += 1
-            s.global_step += 1
-            pending_steps += 1
-            pending_samples += labels.shape[0]
-            if losses is None:
-                s.bad_streak += 1
-                s.bad_total += 1
-                if s.bad_streak >= cfg.max_bad_steps:
-                    raise UserError(f"{s.bad_streak} steps in a row had a non-finite loss or gradient: training "
-                                    f"stopped, the last good checkpoint is {self.run_dir / 'last.pt'} (check the "
-                                    "data for NaN/inf features, or lower --lr or set --clip-grad)")
-            else:
-                s.bad_streak = 0
-                loss_sum += losses
-                good += 1
+            diagnose = self.main and cfg.diagnostics_every > 0 and s.global_step % cfg.diagnostics_every == 0
+            losses = self.stepper.step(codes, numeric, labels, self._share(labels), diagnose)
+            s.step, s.global_step = s.step + 1, s.global_step + 1
+            self._count(losses, labels.shape[0])
             if self.stepper.diagnostics is not None:
-                self._log_diagnostics(diag_path)
-            if pending_steps >= 20 or s.step == steps:
-                means = (loss_sum / max(good, 1)).tolist()  # host sync only every 20 steps
-                self._count_clipped()
-                progress.update(pending_steps, pending_samples, means, s.bad_total, s.clipped_total)
-                pending_steps, pending_samples = 0, 0
-                if self.group:  # ranks agree on Ctrl-C here, so none waits in an all-reduce alone
-                    flag = torch.tensor([float(self.stop_requested)], device=self.device)
-                    self.group.sum_([flag])
-                    self.stop_requested = bool(flag.item() > 0)
-            if self.stop_requested and (self.group is None or pending_steps == 0):
+                self._log_diagnostics(self.run_dir / "diagnostics.jsonl")
+            if self.window.steps >= 20 or s.step == steps:
+                self._report(progress)  # the loop's host sync, every 20 steps
+            if self.stop_requested and (self.group is None or self.window.steps == 0):
                 self.save("last.pt")
                 raise TrainingInterrupted(self.run_dir)
             if cfg.checkpoint_every and s.global_step % cfg.checkpoint_every == 0 and s.step < steps:
                 self.save("last.pt")
         self._end_epoch(progress.samples_per_second)
+
+    def _batches(self):
+        """The epoch's batches from its current step on, for the split's placement."""
+        cfg, s = self.cfg, self.state
+        shard = (self.group.rank, self.group.world) if self.group else None
+        if self.placement == "stream":
+            return stream_batches(self.train_split, cfg.batch_size, cfg.seed, s.epoch, cfg.shuffle_buffer,
+                                  self.device, start=s.step, shard=shard)
+        perm = epoch_permutation(len(self.train_split), cfg.seed, s.epoch, self.device if self.on_device else "cpu")
+        feed = batches if self.on_device else functools.partial(host_batches, device=self.device)
+        return feed(self.train_split, perm, cfg.batch_size, start=s.step, shard=shard)
+
+    def _share(self, labels) -> float:
+        """This rank's fraction of the global batch (the last batch of an epoch may be short)."""
+        if not self.group:
+            return 1.0
+        return labels.shape[0] / min(self.cfg.batch_size, len(self.train_split) - self.state.step * self.cfg.batch_size)
+
+    def _count(self, losses, samples: int) -> None:
+        """Account one step: a skipped one extends the streak (too long a streak stops the run)."""
+        s, w = self.state, self.window
+        w.steps, w.samples = w.steps + 1, w.samples + samples
+        if losses is not None:
+            s.bad_streak, w.good = 0, w.good + 1
+            w.loss_sum += losses
+            return
+        s.bad_streak, s.bad_total = s.bad_streak + 1, s.bad_total + 1
+        if s.bad_streak >= self.cfg.max_bad_steps:
+            raise UserError(f"{s.bad_streak} steps in a row had a non-finite loss or gradient: training "
+                            f"stopped, the last good checkpoint is {self.run_dir / 'last.pt'} (check the "
+                            "data for NaN/inf features, or lower --lr or set --clip-grad)")
+
+    def _report(self, progress: TrainProgress) -> None:
+        w = self.window
+        means = (w.loss_sum / max(w.good, 1)).tolist()
+        self._count_clipped()
+        progress.update(w.steps, w.samples, means, self.state.bad_total, self.state.clipped_total)
+        w.steps, w.samples = 0, 0
+        if self.group:  # ranks agree on Ctrl-C here, so none waits in an all-reduce alone
+            flag = torch.tensor([float(self.stop_requested)], device=self.device)
+            self.group.sum_([flag])
+            self.stop_requested = bool(flag.item() > 0)
 
     def _log_diagnostics(self, path: Path) -> None:
         d = self.stepper.diagnostics
@@ -295,6 +294,55 @@ class Trainer:
                                                                     ("clipped", s.clipped_total)) if n)
             console.print(f"epoch {s.epoch}: {samples_per_second:,.0f} samples/s, valid AUC {self.tasks[0]} "
                           f"{target_auc:.4f}{selected}{mark}  {aux}" + (f"  ({counts})" if counts else ""))
+
+
+def resolved_paths(cfg: TrainConfig) -> TrainConfig:
+    """The validated config with absolute paths: evaluate, predict and --resume must not depend on
+    the working directory."""
+    if not cfg.out:
+        raise UserError("--out is required: the run directory to create")
+    return dataclasses.replace(cfg.validate(), data=str(Path(cfg.data).resolve()), out=str(Path(cfg.out).resolve()))
+
+
+def check_task_settings(cfg: TrainConfig, schema: Schema, tasks: list[str]) -> None:
+    if cfg.select == "gauc" and not schema.user:
+        raise UserError("--select gauc needs a user column: preprocess with --user, or select auc or logloss")
+    if schema.positive_rate.get(tasks[0], 1.0) <= 0.0:
+        raise UserError(f"the target task {tasks[0]!r} has no positive in the train split: "
+                        "choose another --target or split the data differently")
+
+
+def run_device(cfg: TrainConfig) -> tuple[torch.device, "distributed.Group | None"]:
+    """The training device and, under torchrun, the process group (one GPU per local rank)."""
+    device = resolve_device(cfg.device)
+    group = distributed.from_env(device.type)
+    if group and device.type == "cuda":
+        device = torch.device("cuda", distributed.local_rank())
+        torch.cuda.set_device(device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return device, group
+
+
+def balance_scope(cfg: TrainConfig, model, balancer, group) -> str:
+    """The scope the balancer runs in (its default unless given), checked against the model and
+    the number of processes."""
+    if cfg.scope and cfg.scope not in SCOPES:
+        raise UserError(f"--balance-scope must be one of {', '.join(SCOPES)}, not {cfg.scope!r}")
+    if isinstance(model, SingleTask) and balancer.kind == "grad":
+        raise UserError("--model single shares no parameters, so there is nothing to balance: "
+                        "use --balancer ew (or a loss-weighting balancer)")
+    scope = cfg.scope or balancer.default_scope
+    if balancer.kind == "grad" and scope not in balancer.scopes:
+        raise UserError(f"{cfg.balancer} cannot run with --balance-scope {scope}: use {' or '.join(balancer.scopes)}")
+    if group and balancer.kind == "grad" and scope != "shared":
+        # Touched rows and representation gradients are per-rank rows; balancing them across
+        # ranks would need a gather of variable-size tensors (not built yet).
+        default = "" if cfg.scope else f", {cfg.balancer}'s default"
+        raise UserError(f"with several processes, gradient balancers run in --balance-scope shared only "
+                        f"(not {scope}{default}): pass --balance-scope shared")
+    return scope
 
 
 def check_run_dir(out: Path, data: Path, force: bool) -> None:

@@ -262,3 +262,34 @@ def test_a_sparse_step_allocates_nothing_the_size_of_the_table(optimizer, balanc
         assert largest >= table_bytes  # the dense gradient: the check can see it
     else:
         assert largest < table_bytes / 20, (largest, table_bytes)
+
+
+def test_fixed_shape_touched_rows_update_exactly_like_the_unique_rows(monkeypatch):
+    """The CUDA path (no host sync: sorted runs, padded with copies of the last run) leaves the
+    table and the optimizer state where the unique-rows path does, up to the order of float sums."""
+    import mtrec.optim
+    from mtrec.optim import LazyAdam, RowwiseAdagrad, _touched_fixed_shape, touched
+
+    g = torch.Generator().manual_seed(0)
+    index = torch.randint(0, 40, (300,), generator=g)
+    values = torch.randn(300, 4, generator=g)
+    rows, sums = _touched_fixed_shape(index, values)
+    unique_rows, unique_sums = touched(torch.sparse_coo_tensor(index[None], values, (50, 4)))
+    assert rows.shape == (300,) and set(rows.tolist()) == set(unique_rows.tolist())
+    for r, s in zip(rows.tolist(), sums):
+        torch.testing.assert_close(s, unique_sums[unique_rows.tolist().index(r)], rtol=1e-6, atol=1e-6)
+    fixed = lambda grad: _touched_fixed_shape(grad._indices()[0], grad._values())  # noqa: E731
+    for make in (LazyAdam, RowwiseAdagrad):
+        results = []
+        for path in (touched, fixed):
+            monkeypatch.setattr(mtrec.optim, "touched", path)
+            table = torch.nn.Parameter(torch.randn(50, 4, generator=torch.Generator().manual_seed(1)))
+            opt = make([table], lr=0.1)
+            for step in range(3):
+                table.grad = torch.sparse_coo_tensor(index[None], values * (step + 1), (50, 4))
+                opt.step()
+            state = [v.clone() for v in opt.state[table].values() if torch.is_tensor(v)]
+            results.append((table.detach().clone(), state))
+        torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-6, atol=1e-6)
+        for a, b in zip(results[0][1], results[1][1]):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)

@@ -84,15 +84,26 @@ def test_loop_fallback_matches_batched_call():
         assert torch.allclose(a, b, atol=1e-7, rtol=1e-5)
 
 
-def test_non_finite_loss_skips_the_step_without_touching_parameters():
-    model, balancer, stepper = setup("mmoe", "shared")
-    stepper.optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-    codes, numeric, labels = data()
+def test_non_finite_loss_skips_the_step_without_touching_parameters_or_state():
+    from mtrec import balancers
+
+    model, _, _ = setup("mmoe", "shared")
+    balancer = balancers.build("metabalance", num_tasks=3)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    stepper = Stepper(model, balancer, optimizer, "shared", torch.device("cpu"), None)
+    assert stepper.step(*data()) is not None  # one good step: moving averages and Adam moments exist
+    codes, numeric, labels = data(seed=2)
     numeric[3, 0] = float("nan")
     before = [p.detach().clone() for p in model.parameters()]
+    state = {k: v.clone() for k, v in balancer.state_dict().items()}
+    moments = [v.clone() for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v)]
+    # The balancer runs on the poisoned gradients (the skip is decided by the step's one sync, after
+    # it), and what it changed is restored.
     assert stepper.step(codes, numeric, labels) is None
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
-    assert not hasattr(balancer, "seen")  # the balancer never ran, so its state cannot change
+    assert all(torch.equal(state[k], v) for k, v in balancer.state_dict().items())
+    after = [v for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v)]
+    assert all(torch.equal(a, b) for a, b in zip(moments, after))
 
 
 @pytest.mark.parametrize("model_name", ["shared-bottom", "mmoe", "ple"])
@@ -150,8 +161,7 @@ def test_bf16_autocast_step_keeps_fp32_gradients_and_finite_state(balancer_name)
 
 def test_diagnostics_hold_each_tasks_gradient_norms_and_cosines():
     model, balancer, stepper = setup("mmoe", "shared")
-    stepper.want_diagnostics = True
-    stepper.step(*data())
+    stepper.step(*data(), diagnose=True)
     norms, cos = stepper.diagnostics["norms"], stepper.diagnostics["cosines"]
     for k, g in enumerate(balancer.seen):
         flat = g.flatten(1)

@@ -278,3 +278,26 @@ def test_batched_call_falls_back_only_when_vmap_cannot_batch(monkeypatch, capsys
     monkeypatch.setattr(torch.autograd, "grad", failing("CUDA out of memory. Tried to allocate 2.00 GiB"))
     with pytest.raises(RuntimeError, match="out of memory"):
         PerTaskGrads(3)(task_losses(model(codes, numeric), labels), params)
+
+
+@pytest.mark.parametrize("balancer_name, scope", [("ew", None), ("uw", None), ("metabalance", "shared"),
+                                                  ("pcgrad", "representation")])
+def test_one_host_sync_per_step(monkeypatch, balancer_name, scope):
+    """The skip decision is the step's only read of a device value (a Python bool/item/list of a
+    tensor); CUDA runs check the same with torch.cuda.set_sync_debug_mode (tests/engine/test_cuda.py)."""
+    from mtrec import balancers
+
+    model, _, _ = setup("mmoe", "shared")
+    balancer = balancers.build(balancer_name, num_tasks=3)
+    # SGD: torch's CPU Adam reads its step counters with .item() (CUDA's fused Adam does not)
+    opt = torch.optim.SGD(list(model.parameters()) + list(balancer.parameters()), lr=1e-3)
+    stepper = Stepper(model, balancer, opt, scope or balancer.default_scope, torch.device("cpu"), None)
+    stepper.step(*data())  # lazily sized state exists now
+    reads = []
+    for name in ("__bool__", "item", "tolist", "__int__", "__float__"):
+        original = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name,
+                            lambda self, *a, _o=original, _n=name, **k: reads.append(_n) or _o(self, *a, **k))
+    assert stepper.step(*data(seed=3)) is not None
+    monkeypatch.undo()
+    assert reads == ["__bool__"], reads

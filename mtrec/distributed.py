@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from mtrec.optim import row_grad, touched
+from mtrec.optim import row_grad, unique_rows
 
 
 class Group:
@@ -53,7 +53,7 @@ class Group:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
             if p.grad.is_sparse:
-                mine, grad = touched(p.grad)
+                mine, grad = unique_rows(p.grad)  # each row once: they are summed below
                 rows = self.union(mine)
                 values = grad.new_zeros((rows.numel(), *p.shape[1:]))
                 values.index_add_(0, torch.searchsorted(rows, mine), grad)

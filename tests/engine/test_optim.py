@@ -293,3 +293,56 @@ def test_fixed_shape_touched_rows_update_exactly_like_the_unique_rows(monkeypatc
         torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-6, atol=1e-6)
         for a, b in zip(results[0][1], results[1][1]):
             torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+def _sum_sparse_on_rank(rank, world, init, out):
+    """One rank of the test below: rank r's table gradient touches rows ROWS_OF[r] (none on rank 1
+    for the second table), plus a dense parameter."""
+    import torch.distributed as dist
+
+    from mtrec.distributed import Group
+    from mtrec.optim import empty_row_grad
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    table, other, dense = (torch.nn.Parameter(torch.zeros(ROWS, DIM)) for _ in range(3))
+    ids, grads = lookups(seed=rank)[rank]
+    table.grad = torch.sparse_coo_tensor(ids.unsqueeze(0), grads.float(), table.shape, check_invariants=False)
+    other.grad = empty_row_grad(other) if rank == 1 else torch.sparse_coo_tensor(
+        torch.tensor([[6, 6]]), torch.ones(2, DIM), other.shape, check_invariants=False)
+    dense.grad = torch.full((ROWS, DIM), float(rank + 1))
+    Group(rank, world).sum_grads_([table, other, dense], scale=0.5)
+    torch.save({k: p.grad for k, p in (("table", table), ("other", other), ("dense", dense))}, f"{out}/{rank}.pt")
+    dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not built in")
+def test_ranks_sum_sparse_row_gradients_over_the_union_of_their_rows(tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_sum_sparse_on_rank, args=(2, f"file://{tmp_path}/store", str(tmp_path)), nprocs=2)
+    expected_table = torch.zeros(ROWS, DIM)
+    for rank in range(2):
+        ids, grads = lookups(seed=rank)[rank]
+        expected_table.index_add_(0, ids, 0.5 * grads.float())
+    union = torch.tensor(sorted(set(SCHEDULE[0]) | set(SCHEDULE[1])))
+    for rank in range(2):
+        got = torch.load(tmp_path / f"{rank}.pt", weights_only=True)
+        assert got["table"].is_sparse and torch.equal(got["table"].indices()[0], union)
+        torch.testing.assert_close(got["table"].to_dense(), expected_table)
+        assert torch.equal(got["other"].indices()[0], torch.tensor([6]))  # rank 1 had no rows there
+        torch.testing.assert_close(got["other"].to_dense()[6], torch.ones(DIM))  # 0.5 * (1 + 1)
+        torch.testing.assert_close(got["dense"], torch.full((ROWS, DIM), 1.5))
+
+
+def test_a_run_saved_before_the_flag_resumes_with_the_dense_optimizer_it_trained_with(tmp_path):
+    import json
+
+    from mtrec.cli import _saved_config
+
+    (tmp_path / "config.json").write_text(json.dumps({**TrainConfig(data=str(tmp_path), out=str(tmp_path)).to_dict(),
+                                                      "embedding_optimizer": "rowwise-adagrad"}))
+    assert _saved_config(str(tmp_path))["embedding_optimizer"] == "rowwise-adagrad"
+    old = TrainConfig(data=str(tmp_path), out=str(tmp_path)).to_dict()
+    del old["embedding_optimizer"]
+    (tmp_path / "config.json").write_text(json.dumps(old))
+    assert _saved_config(str(tmp_path))["embedding_optimizer"] == "adam"

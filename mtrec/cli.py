@@ -171,6 +171,8 @@ def train(
     max_bad_steps: Annotated[Optional[int], typer.Option(help="Non-finite steps in a row before stopping.")] = None,
     checkpoint_every: Annotated[Optional[int], typer.Option(help="Save last.pt every N steps (0: epochs only).")] = None,
     out: Annotated[Optional[str], typer.Option(help="Run directory to create.")] = None,
+    tensorboard: Annotated[Optional[str], typer.Option(
+        help="Also write the logged scalars as TensorBoard events here (pip install 'mtrec[tensorboard]').")] = None,
     config: Annotated[Optional[Path], typer.Option(help="TOML file with any of these settings.")] = None,
     force: Annotated[bool, typer.Option(help="Overwrite an existing run directory.")] = False,
     resume: Annotated[Optional[str], typer.Option(help="Continue the run in this directory from last.pt.")] = None,

@@ -60,6 +60,7 @@ class TrainConfig:
     diagnostics_every: int = 200  # steps; 0 turns the gradient diagnostics log off
     checkpoint_every: int = 500  # steps; last.pt is also written at every epoch end
     max_bad_steps: int = 20  # consecutive non-finite steps before training stops
+    tensorboard: str = ""  # a directory for TensorBoard events of the logged scalars ("": none)
 
     def validate(self) -> "TrainConfig":
         checks = [

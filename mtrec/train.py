@@ -29,6 +29,7 @@ from mtrec.errors import TrainingInterrupted, UserError
 from mtrec.models import SingleTask
 from mtrec.report import TrainProgress, console
 from mtrec.scoring import split_metrics
+from mtrec.tensorboard_events import EventLog
 from mtrec.schedule import improves, lr_factor, set_lr
 from mtrec.step import SCOPES, Stepper
 
@@ -88,6 +89,9 @@ class Trainer:
                                groups=cfg.balance_groups or None, group=self.group)
         self.state = LoopState()
         self.stop_requested = False
+        self.window: Window | None = None
+        # TensorBoard events of the same scalars as metrics.jsonl / diagnostics.jsonl (rank 0).
+        self.events = EventLog(cfg.tensorboard, self.tasks) if cfg.tensorboard and self.main else None
         # The resolved settings (task order, the balancer's scope and groups) are the config: one
         # source of truth in config.json and in every checkpoint, for evaluate and --resume.
         self.cfg = dataclasses.replace(cfg, tasks=self.tasks, scope=self.scope, balance_groups=self.stepper.groups)
@@ -184,6 +188,8 @@ class Trainer:
                     self._epoch(progress)
         finally:
             signal.signal(signal.SIGINT, previous)
+            if self.events:
+                self.events.close()
         return {"best_epoch": s.best_epoch, "select": cfg.select, "best_score": s.best_score, "history": s.history,
                 "skipped_steps": s.bad_total, "clipped_steps": s.clipped_total, "run_dir": str(self.run_dir)}
 
@@ -261,6 +267,8 @@ class Trainer:
                   "norms": d["norms"].tolist(), "cosines": d["cosines"].tolist()}
         with open(path, "a") as fh:
             fh.write(json.dumps(record) + "\n")
+        if self.events:
+            self.events.diagnostics(record)
 
     def _end_epoch(self, samples_per_second: float) -> None:
         cfg, s = self.cfg, self.state
@@ -268,8 +276,13 @@ class Trainer:
         self._count_clipped()
         target_auc = metrics[self.tasks[0]]["auc"]
         score = metrics[self.tasks[0]][cfg.select]
+        w = self.window
+        # The mean training loss per task over the epoch's accepted steps (since the resume point
+        # when the epoch was resumed mid-way).
+        train_loss = dict(zip(self.tasks, (w.loss_sum / max(w.good, 1)).tolist())) if w and w.good else None
         record = {"epoch": s.epoch + 1, "step": s.global_step, "samples_per_second": samples_per_second,
-                  "skipped_steps": s.bad_total, "clipped_steps": s.clipped_total, "valid": metrics}
+                  "skipped_steps": s.bad_total, "clipped_steps": s.clipped_total, "train_loss": train_loss,
+                  "valid": metrics}
         s.history.append(record)
         s.epoch += 1
         s.step = 0
@@ -286,6 +299,8 @@ class Trainer:
         lines = "".join(json.dumps(r) + "\n" for r in s.history)
         if self.main:
             checkpoint.atomic_write_text(self.run_dir / "metrics.jsonl", lines)
+        if self.events:
+            self.events.epoch(record)
         if not self.quiet:
             aux = "  ".join(f"{t} {metrics[t]['auc']:.4f}" for t in self.tasks[1:])
             mark = " *" if improved else ""
@@ -301,7 +316,8 @@ def resolved_paths(cfg: TrainConfig) -> TrainConfig:
     the working directory."""
     if not cfg.out:
         raise UserError("--out is required: the run directory to create")
-    return dataclasses.replace(cfg.validate(), data=str(Path(cfg.data).resolve()), out=str(Path(cfg.out).resolve()))
+    return dataclasses.replace(cfg.validate(), data=str(Path(cfg.data).resolve()), out=str(Path(cfg.out).resolve()),
+                               tensorboard=str(Path(cfg.tensorboard).resolve()) if cfg.tensorboard else "")
 
 
 def check_task_settings(cfg: TrainConfig, schema: Schema, tasks: list[str]) -> None:

@@ -192,3 +192,36 @@ def test_a_run_where_no_epoch_improved_says_so_instead_of_epoch_minus_one(data_d
     assert code == 0, output
     assert "no epoch gave a defined validation auc" in output and "last validation (epoch 1)" in output
     assert "epoch -1" not in output and not (tmp_path / "run" / "best.pt").exists()
+
+
+def test_train_writes_tensorboard_events_equal_to_its_logs(encoded_synthetic, tmp_path):
+    """`mtrec train --tensorboard DIR`: the same scalars as metrics.jsonl (validation metrics,
+    the epoch's mean training loss per task) and diagnostics.jsonl, as TensorBoard reads them."""
+    pytest.importorskip("tensorboard")
+    import json
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from typer.testing import CliRunner
+
+    from mtrec.cli import app
+
+    data = encoded_synthetic("tensorboard", rows=3_000, seed=2) / "data"
+    run, tb = tmp_path / "run", tmp_path / "tb"
+    result = CliRunner().invoke(app, ["train", str(data), "--model", "mmoe", "--target", "click", "--epochs", "2",
+                                      "--batch-size", "256", "--embedding-dim", "4", "--expert-sizes", "8",
+                                      "--tower-sizes", "4", "--diagnostics-every", "5", "--quiet", "--out", str(run),
+                                      "--tensorboard", str(tb)])
+    assert result.exit_code == 0, result.output
+    history = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    diagnostics = [json.loads(x) for x in (run / "diagnostics.jsonl").read_text().splitlines()]
+    events = EventAccumulator(str(tb))
+    events.Reload()
+    scalars = lambda tag: [(e.step, e.value) for e in events.Scalars(tag)]  # noqa: E731
+    for task in ("click", "like", "share"):
+        assert all(r["train_loss"][task] > 0 for r in history)
+        assert scalars(f"train_loss/{task}") == [(r["step"], pytest.approx(r["train_loss"][task], rel=1e-6))
+                                                 for r in history]
+        assert scalars(f"valid_auc/{task}") == [(r["step"], pytest.approx(r["valid"][task]["auc"], rel=1e-6))
+                                                for r in history]
+    norms = scalars("grad_norm/tensor0/like")
+    assert norms == [(d["step"], pytest.approx(d["norms"][0][1], rel=1e-5)) for d in diagnostics]

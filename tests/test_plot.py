@@ -158,7 +158,7 @@ def test_plot_of_a_real_run(encoded_synthetic, tmp_path):
                    env=env, check=True, capture_output=True)
     result = CliRunner().invoke(app, ["plot", str(run), "--out", str(tmp_path / "figs")])
     assert result.exit_code == 0, result.output
-    assert_figures(tmp_path / "figs", ["valid_metrics", "grad_norm_ratio", "grad_cosine"])
+    assert_figures(tmp_path / "figs", ["valid_metrics", "train_loss", "grad_norm_ratio", "grad_cosine"])
     diagnostics = plot.read_jsonl(run / "diagnostics.jsonl")
     steps, ratios = plot.norm_ratio_series(diagnostics)
     norms = np.array(diagnostics[-1]["norms"])

@@ -33,18 +33,7 @@ from mtrec.objective import Objective  # noqa: E402
 
 SMALL = dict(epochs=2, batch_size=1024, embedding_dim=16, expert_sizes=[64], tower_sizes=[32], num_experts=2,
              diagnostics_every=0, device="cpu")
-HISTORY_SPEC = """
-[features.hist_items]
-kind = "sequence"
-max_len = 20
-pooling = "attention"
-share_with = "item_id"
-
-[features.tags]
-kind = "sequence"
-max_len = 5
-pooling = "mean"
-"""
+HISTORY_SPEC = Path(__file__).resolve().parents[1] / "sample_data" / "sequence_spec.toml"  # the README's
 
 
 def _test_auc(cfg: TrainConfig, column: str) -> float:
@@ -76,9 +65,8 @@ def esmm(work: Path, rows: int, seeds: list[int]) -> dict[str, list[float]]:
 
 def history(work: Path, rows: int, seeds: list[int]) -> dict[str, list[float]]:
     write_synthetic(work / "log.parquet", rows=rows, seed=7, history=20)
-    (work / "spec.toml").write_text(HISTORY_SPEC)
     common = dict(user="user_id", item="item_id", time="ts")
-    preprocess([str(work / "log.parquet")], ["click", "like", "share"], str(work / "with"), spec=str(work / "spec.toml"),
+    preprocess([str(work / "log.parquet")], ["click", "like", "share"], str(work / "with"), spec=str(HISTORY_SPEC),
                **common)
     preprocess([str(work / "log.parquet")], ["click", "like", "share"], str(work / "without"),
                exclude=["hist_items", "tags"], **common)

@@ -3,6 +3,7 @@ only in the history), the same MMoE trained with the history (DIN attention on t
 mean-pooled) beats it without; `predict` scores the raw rows exactly as `evaluate` does."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import polars as pl
@@ -12,17 +13,7 @@ from typer.testing import CliRunner
 
 from mtrec.cli import app
 
-SPEC = """
-[features.hist_items]
-kind = "sequence"
-max_len = 20
-pooling = "attention"
-share_with = "item_id"
-
-[features.tags]
-kind = "sequence"
-max_len = 5
-"""
+SPEC = Path(__file__).resolve().parents[2] / "sample_data" / "sequence_spec.toml"  # the README's spec
 TRAIN = ["--model", "mmoe", "--target", "click", "--epochs", "2", "--batch-size", "512", "--embedding-dim", "8",
          "--expert-sizes", "32", "--tower-sizes", "16", "--experts", "2", "--device", "cpu", "--quiet", "--seed", "0"]
 PREPROCESS = ["--labels", "click,like,share", "--user", "user_id", "--item", "item_id", "--time", "ts"]
@@ -38,8 +29,7 @@ def invoke(*args):
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("history")
     invoke("synth", "--rows", 100_000, "--history", 20, "--seed", 0, "--out", root / "log.parquet")
-    (root / "spec.toml").write_text(SPEC)
-    invoke("preprocess", root / "log.parquet", *PREPROCESS, "--spec", root / "spec.toml", "--out", root / "with")
+    invoke("preprocess", root / "log.parquet", *PREPROCESS, "--spec", SPEC, "--out", root / "with")
     invoke("preprocess", root / "log.parquet", *PREPROCESS, "--exclude", "hist_items,tags", "--out", root / "without")
     for name in ("with", "without"):
         invoke("train", root / name, *TRAIN, "--out", root / f"run-{name}")

@@ -77,16 +77,10 @@ def _mid_epoch_checkpoint(run: Path):
     return ready
 
 
-def test_resume_after_sigkill_and_after_ctrl_c_is_bit_for_bit(data_dir, tmp_path):
-    # The schedule, clipping and the selection metric are part of the state that must resume exactly.
-    args = [data_dir, *SMALL, "--epochs", "2", "--checkpoint-every", "40", "--lr-schedule", "cosine",
-            "--warmup-steps", "30", "--clip-grad", "0.5", "--select", "logloss"]
-    mtrec("train", *args, "--out", tmp_path / "whole")
-    whole, whole_meta = final_model(tmp_path / "whole")
-
-    # SIGKILL right after the first mid-epoch checkpoint appears. On a fast machine the epoch may
-    # end between seeing that checkpoint and the kill, so try a few times to land mid-epoch.
-    killed = tmp_path / "killed"
+def _kill_mid_epoch(args, killed: Path) -> dict:
+    """SIGKILL a training right after its first mid-epoch checkpoint; the checkpoint's meta. On a
+    fast machine the epoch may end between seeing that checkpoint and the kill, so try a few times
+    to land mid-epoch."""
     for _ in range(3):
         shutil.rmtree(killed, ignore_errors=True)
         proc = subprocess.Popen([sys.executable, "-m", "mtrec", "train", *map(str, args), "--out", str(killed)],
@@ -97,6 +91,18 @@ def test_resume_after_sigkill_and_after_ctrl_c_is_bit_for_bit(data_dir, tmp_path
         _, meta = checkpoint.load(killed / "last.pt")
         if meta["epoch"] == 0 and 0 < meta["step"]:
             break
+    return meta
+
+
+def test_resume_after_sigkill_and_after_ctrl_c_is_bit_for_bit(data_dir, tmp_path):
+    # The schedule, clipping and the selection metric are part of the state that must resume exactly.
+    args = [data_dir, *SMALL, "--epochs", "2", "--checkpoint-every", "40", "--lr-schedule", "cosine",
+            "--warmup-steps", "30", "--clip-grad", "0.5", "--select", "logloss"]
+    mtrec("train", *args, "--out", tmp_path / "whole")
+    whole, whole_meta = final_model(tmp_path / "whole")
+
+    killed = tmp_path / "killed"
+    meta = _kill_mid_epoch(args, killed)
     assert meta["epoch"] == 0 and 0 < meta["step"]
     mtrec("train", "--resume", killed, "--quiet")
     resumed, resumed_meta = final_model(killed)
@@ -243,16 +249,7 @@ def test_streaming_run_resumes_bit_for_bit_after_sigkill(small_groups, tmp_path)
     mtrec("train", *args, "--out", tmp_path / "whole")
     whole, whole_meta = final_model(tmp_path / "whole")
     killed = tmp_path / "killed"
-    for _ in range(3):
-        shutil.rmtree(killed, ignore_errors=True)
-        proc = subprocess.Popen([sys.executable, "-m", "mtrec", "train", *map(str, args), "--out", str(killed)],
-                                env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        assert _wait_for(_mid_epoch_checkpoint(killed), proc), "no mid-epoch checkpoint before the run ended"
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-        _, meta = checkpoint.load(killed / "last.pt")
-        if meta["epoch"] == 0 and 0 < meta["step"]:
-            break
+    meta = _kill_mid_epoch(args, killed)
     assert meta["epoch"] == 0 and meta["step"] * 64 > 2000  # killed past the first shuffle buffer
     mtrec("train", "--resume", killed, "--quiet")
     resumed, resumed_meta = final_model(killed)

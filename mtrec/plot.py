@@ -54,6 +54,15 @@ def norm_ratio_series(records: list[dict]) -> tuple[np.ndarray, np.ndarray]:
     return steps, ratios.transpose(1, 2, 0)
 
 
+def weight_series(records: list[dict]) -> tuple[np.ndarray, np.ndarray] | None:
+    """steps [S] and the balancer's task weights [T, S] from the diagnostics records that carry
+    them (``weights``); None when none does (MetaBalance, GradCraft ... have no task weights)."""
+    records = [r for r in records if r.get("weights") is not None]
+    if not records:
+        return None
+    return np.array([r["step"] for r in records]), np.array([r["weights"] for r in records], dtype=np.float64).T
+
+
 def cosine_series(records: list[dict]) -> tuple[np.ndarray, list[tuple[int, int]], np.ndarray]:
     """steps [S], the task pairs (i < j) and cosines [K, P, S] of the pairs' gradients per shared tensor."""
     steps = np.array([r["step"] for r in records])
@@ -260,6 +269,13 @@ def _plot_run(run: Path, out: Path) -> tuple[list[Path], list[str]]:
     if len(tasks) > 1:
         written += _figure_norm_ratios(*norm_ratio_series(diagnostics), tasks, scope, out)
         written += _figure_cosines(*cosine_series(diagnostics), tasks, scope, out)
+    weights = weight_series(diagnostics)
+    if weights is None:
+        notes.append("diagnostics.jsonl holds no task weights (the balancer has none): no task_weights figure")
+    else:
+        steps, values = weights
+        series = {t: (steps, values[i]) for i, t in enumerate(tasks)}
+        written += _figure_lines({"task weight": series}, "step", "the balancer's task weights", out, "task_weights")
     return written, notes
 
 

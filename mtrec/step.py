@@ -150,6 +150,8 @@ class Stepper:
             self.balancer.restore(before)
             self.diagnostics = None
             return None
+        if diagnose and self.diagnostics is not None and self.balancer.applied is not None:
+            self.diagnostics["weights"] = self.balancer.applied.detach().float().clone()
         if self.clip_grad:
             self._clip()
         self.optimizer.step()

@@ -265,6 +265,8 @@ class Trainer:
         self.stepper.diagnostics = None
         record = {"step": self.state.global_step, "scope": self.scope,
                   "norms": d["norms"].tolist(), "cosines": d["cosines"].tolist()}
+        if "weights" in d:  # the balancer's task weights on this step, where it has them
+            record["weights"] = d["weights"].tolist()
         with open(path, "a") as fh:
             fh.write(json.dumps(record) + "\n")
         if self.events:

@@ -158,8 +158,10 @@ def test_plot_of_a_real_run(encoded_synthetic, tmp_path):
                    env=env, check=True, capture_output=True)
     result = CliRunner().invoke(app, ["plot", str(run), "--out", str(tmp_path / "figs")])
     assert result.exit_code == 0, result.output
-    assert_figures(tmp_path / "figs", ["valid_metrics", "train_loss", "grad_norm_ratio", "grad_cosine"])
+    assert_figures(tmp_path / "figs", ["valid_metrics", "train_loss", "grad_norm_ratio", "grad_cosine", "task_weights"])
     diagnostics = plot.read_jsonl(run / "diagnostics.jsonl")
+    steps, weights = plot.weight_series(diagnostics)  # EW: every task weighs 1 on every logged step
+    assert list(steps) == [d["step"] for d in diagnostics] and np.array_equal(weights, np.ones((3, len(steps))))
     steps, ratios = plot.norm_ratio_series(diagnostics)
     norms = np.array(diagnostics[-1]["norms"])
     assert steps[-1] == diagnostics[-1]["step"] and np.allclose(ratios[:, :, -1], norms[:, 1:] / norms[:, :1])

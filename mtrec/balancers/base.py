@@ -42,6 +42,10 @@ class Balancer(torch.nn.Module):
 
     # Prefixes of buffers sized at the first combine (one EMA per shared tensor ...).
     lazy_buffers: ClassVar[tuple[str, ...]] = ()
+    # The task weights the last weigh / combine applied, [T], where the method has them (loss
+    # weights; the Gram methods' alpha; None for MetaBalance, GradCraft's ... per-tensor rules).
+    # Logged with the diagnostics and plotted; never read by the step.
+    applied: Tensor | None = None
 
     def __init__(self, num_tasks: int):
         super().__init__()
@@ -256,6 +260,7 @@ class GramBalancer(GradBalancer):
 
     def combine(self, grads: list[Tensor], losses: Tensor | None = None, parts=None) -> list[Tensor]:
         alpha = self.weights(gram_matrix(grads), losses)
+        self.applied = alpha.detach()
         if self.alpha_on_heads:
             self._head_scales = alpha.float()
         return weighted_sum(grads, alpha)

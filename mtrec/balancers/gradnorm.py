@@ -39,6 +39,7 @@ class GradNorm(GradBalancer):
         T = self.num_tasks
         losses = require_losses(self, losses)
         w = self.weights()
+        self.applied = w.detach()
         combined = weighted_sum(grads, w)
         norms = torch.stack([torch.linalg.vector_norm(g.reshape(T, -1), dim=1, dtype=torch.float32)
                              for g in grads]).norm(dim=0)

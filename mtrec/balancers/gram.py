@@ -57,9 +57,11 @@ class IMTL(GramBalancer):
             s.grad = grad if s.grad is None else s.grad + grad
         self._head_scales = scale
         if self.variant == "loss":
+            self.applied = scale
             return weighted_sum(grads, scale)
         gram = gram_matrix(grads)
         alpha = self.weights(gram * (scale[:, None] * scale[None, :]).to(gram.dtype))
+        self.applied = (alpha * scale.to(alpha.dtype)).detach()
         return weighted_sum(grads, alpha * scale.to(alpha.dtype))
 
     def weights(self, gram: Tensor, losses: Tensor | None = None) -> Tensor:
@@ -177,4 +179,5 @@ class NashMTL(GramBalancer):
         gram = gram_matrix(grads)
         alpha = self.bargaining(gram)
         self._head_scales = alpha.float()
+        self.applied = alpha.detach()
         return weighted_sum(grads, self.clipped(alpha, gram))

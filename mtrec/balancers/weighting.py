@@ -21,6 +21,7 @@ class EW(LossBalancer):
     paper = "equal weighting (baseline)"
 
     def weigh(self, losses: Tensor) -> Tensor:
+        self.applied = torch.ones_like(losses.detach())
         return losses.sum()
 
 
@@ -39,6 +40,7 @@ class FixedWeights(LossBalancer):
         self.register_buffer("task_weights", torch.tensor(values))
 
     def weigh(self, losses: Tensor) -> Tensor:
+        self.applied = self.task_weights
         return (self.task_weights.to(losses.dtype) * losses).sum()
 
 
@@ -59,6 +61,7 @@ class UW(LossBalancer):
 
     def weigh(self, losses: Tensor) -> Tensor:
         s = self.log_vars.to(losses.dtype)
+        self.applied = 0.5 * torch.exp(-s.detach())
         return (0.5 * torch.exp(-s) * losses + 0.5 * s).sum()
 
 
@@ -91,6 +94,7 @@ class DWA(LossBalancer):
 
     def weigh(self, losses: Tensor) -> Tensor:
         w = self.weights()
+        self.applied = w
         with torch.no_grad():
             self.loss_sum += losses.detach().float()
             self.steps += 1
@@ -129,6 +133,7 @@ class FAMO(LossBalancer):
 
     def weigh(self, losses: Tensor) -> Tensor:
         z = self.weights().to(losses.dtype)
+        self.applied = z.detach()
         d = losses + 1e-8
         # A task with no valid samples (loss 0) would make c ~ 1e8 and stall every other task:
         # it is left out of c (its own term has no gradient anyway).

@@ -301,3 +301,39 @@ def test_one_host_sync_per_step(monkeypatch, balancer_name, scope):
     assert stepper.step(*data(seed=3)) is not None
     monkeypatch.undo()
     assert reads == ["__bool__"], reads
+
+
+def test_sampled_steps_log_the_task_weights_the_balancer_applied():
+    from mtrec import balancers
+
+    # UW: the loss weights 0.5 e^{-s} of the step (before the optimizer moved s).
+    model, _, _ = setup("mmoe", "shared")
+    uw = balancers.build("uw", num_tasks=3)
+    stepper = Stepper(model, uw, torch.optim.SGD(list(model.parameters()) + list(uw.parameters()), lr=0.1),
+                      "shared", torch.device("cpu"), None)
+    expected = 0.5 * torch.exp(-uw.log_vars.detach().clone())
+    stepper.step(*data(), diagnose=True)
+    torch.testing.assert_close(stepper.diagnostics["weights"], expected)
+    # MGDA: the shared gradient applied is sum_t alpha_t g_t with the logged alpha.
+    model, _, _ = setup("mmoe", "shared")
+    mgda = balancers.build("mgda", num_tasks=3)
+    stepper = Stepper(model, mgda, torch.optim.SGD(model.parameters(), lr=0.0), "shared", torch.device("cpu"), None)
+    codes, numeric, labels = data()
+    stepper.step(codes, numeric, labels, diagnose=True)
+    alpha = stepper.diagnostics["weights"]
+    assert alpha.shape == (3,) and torch.all(alpha >= 0) and abs(float(alpha.sum()) - 1) < 1e-5  # on the simplex
+    applied = {id(p): p.grad.clone() for p in model.shared_parameters()}
+    per_task = []
+    for t in range(3):
+        model.zero_grad()
+        task_losses(model(codes, numeric), labels)[t].backward()
+        per_task.append({id(p): p.grad.clone() for p in model.shared_parameters()})
+    for p in model.shared_parameters():
+        expected = sum(alpha[t] * per_task[t][id(p)] for t in range(3))
+        torch.testing.assert_close(applied[id(p)], expected, rtol=1e-4, atol=1e-7)
+    # MetaBalance has no task weights: nothing is logged.
+    model, _, _ = setup("mmoe", "shared")
+    stepper = Stepper(model, balancers.build("metabalance", num_tasks=3), torch.optim.SGD(model.parameters(), lr=0.0),
+                      "shared", torch.device("cpu"), None)
+    stepper.step(*data(), diagnose=True)
+    assert "weights" not in stepper.diagnostics

@@ -225,3 +225,4 @@ def test_train_writes_tensorboard_events_equal_to_its_logs(encoded_synthetic, tm
                                                 for r in history]
     norms = scalars("grad_norm/tensor0/like")
     assert norms == [(d["step"], pytest.approx(d["norms"][0][1], rel=1e-5)) for d in diagnostics]
+    assert scalars("task_weight/share") == [(d["step"], 1.0) for d in diagnostics]  # EW weighs every task 1

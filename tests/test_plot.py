@@ -21,7 +21,8 @@ from test_compare import TASKS, write_fake_compare
 pytest.importorskip("matplotlib")
 
 
-def fake_run(root: Path, epochs: int = 3, steps: int = 5, shared: int = 2, train_loss: bool = False) -> tuple:
+def fake_run(root: Path, epochs: int = 3, steps: int = 5, shared: int = 2, train_loss: bool = False,
+             weights: bool = False) -> tuple:
     """A run directory with config.json, metrics.jsonl and diagnostics.jsonl of random values."""
     rng = np.random.default_rng(1)
     root.mkdir()
@@ -43,6 +44,8 @@ def fake_run(root: Path, epochs: int = 3, steps: int = 5, shared: int = 2, train
         cos = rng.uniform(-1, 1, size=(shared, len(TASKS), len(TASKS)))
         cos = (cos + cos.transpose(0, 2, 1)) / 2
         diagnostics.append({"step": 1 + 200 * s, "scope": "shared", "norms": norms.tolist(), "cosines": cos.tolist()})
+        if weights:
+            diagnostics[-1]["weights"] = rng.uniform(0.1, 2.0, size=len(TASKS)).tolist()
     (root / "diagnostics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in diagnostics))
     return history, diagnostics
 
@@ -82,15 +85,20 @@ def test_run_series_equal_the_logged_values(tmp_path):
 def test_run_figures_are_written(tmp_path):
     fake_run(tmp_path / "run")
     written, notes = plot.plot(tmp_path / "run", tmp_path / "figs")
-    assert notes == ["metrics.jsonl holds no training loss per task: no train_loss figure"]
+    assert notes == ["metrics.jsonl holds no training loss per task: no train_loss figure",
+                     "diagnostics.jsonl holds no task weights (the balancer has none): no task_weights figure"]
     assert len(written) == 6
     assert_figures(tmp_path / "figs", ["valid_metrics", "grad_norm_ratio", "grad_cosine"])
-    # With a training loss per task logged, its figure is drawn from the logged values too.
-    history, _ = fake_run(tmp_path / "run2", shared=1, train_loss=True)
+    # With a training loss per task and task weights logged, their figures are drawn from the logged values too.
+    history, diagnostics = fake_run(tmp_path / "run2", shared=1, train_loss=True, weights=True)
     losses = plot.train_loss_series(history)
     assert {t: v for t, (_, v) in losses.items()} == {t: [r["train_loss"][t] for r in history] for t in TASKS}
+    steps, weights = plot.weight_series(diagnostics)
+    assert list(steps) == [d["step"] for d in diagnostics]
+    assert weights.tolist() == [[d["weights"][t] for d in diagnostics] for t in range(len(TASKS))]
     written, notes = plot.plot(tmp_path / "run2", tmp_path / "figs2")
     assert notes == [] and (tmp_path / "figs2" / "train_loss.svg").exists()
+    assert (tmp_path / "figs2" / "task_weights.svg").exists()
 
 
 def test_compare_series_equal_the_summary_and_figures_are_written(tmp_path):

@@ -52,7 +52,7 @@ def evaluate_run(run_dir: str | Path, data: str | None = None, raw: str | None =
         from mtrec.data.encode import encode, read_raw
 
         data_schema = Schema.load(data_dir)
-        _check_same_schema(run_schema, data_schema, data_dir)
+        check_same_schema(run_schema, data_schema, data_dir)
         log = read_raw(raw)
         present = set(log.collect_schema())
         scored = [t for t in tasks if t in present]
@@ -69,7 +69,7 @@ def evaluate_run(run_dir: str | Path, data: str | None = None, raw: str | None =
     else:
         if split not in ("train", "valid", "test"):
             raise UserError(f"--split must be train, valid or test, not {split!r}")
-        _check_same_schema(run_schema, Schema.load(data_dir), data_dir)
+        check_same_schema(run_schema, Schema.load(data_dir), data_dir)
         on_disk = ParquetSplit(data_dir / f"{split}.parquet", categorical, numeric, tasks)
         # a split too large for memory is scored row group by row group (only logits/labels stay)
         part = (load_split(data_dir, split, categorical, numeric, tasks)
@@ -85,7 +85,7 @@ def evaluate_run(run_dir: str | Path, data: str | None = None, raw: str | None =
             "metrics": result}
 
 
-def _check_same_schema(run_schema, data_schema, data_dir) -> None:
+def check_same_schema(run_schema, data_schema, data_dir) -> None:
     def shape(s):
         return [(f.name, f.kind, f.vocab_size if f.kind != "numeric" else None) for f in s.features]
 

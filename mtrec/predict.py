@@ -15,6 +15,7 @@ import uuid
 from pathlib import Path
 
 import polars as pl
+import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
@@ -22,6 +23,24 @@ from mtrec.errors import UserError
 
 CHUNK_ROWS = 1 << 18
 _KEEP = "__mtrec_keep_"
+MARKER = {b"mtrec": b"predictions"}  # Parquet key-value metadata: --force replaces only such files
+
+
+def _check_out(out: Path, force: bool) -> None:
+    """--out may be replaced only with --force, and only when it is a predictions file mtrec wrote."""
+    if out.is_dir():
+        raise UserError(f"--out {out} is a directory: name a .parquet file")
+    if not out.exists():
+        return
+    if not force:
+        raise UserError(f"{out} exists: pass --force to overwrite it, or choose another --out")
+    try:
+        ours = (pq.read_schema(out).metadata or {}).get(b"mtrec") == MARKER[b"mtrec"]
+    except (OSError, ValueError, pa.ArrowException):
+        ours = False
+    if not ours:
+        raise UserError(f"--out {out} is not a predictions file of mtrec predict: --force only replaces those; "
+                        "choose another --out")
 
 
 def data_dir_of(cfg) -> Path:
@@ -41,20 +60,17 @@ def predict_log(run_dir: str | Path, raw: list[str], out: str | Path, *, keep: l
     from mtrec.data.sources import column_list, scan_inputs
     from mtrec.data.tensors import frame_to_split
     from mtrec.build import feature_names, objective_for, resolve_device
-    from mtrec.evaluate import _check_same_schema, load_run
+    from mtrec.evaluate import check_same_schema, load_run
     from mtrec.scoring import predict
     from mtrec.objective import CTCVR
 
     out = Path(out)
-    if out.exists() and not force:
-        raise UserError(f"{out} exists: pass --force to overwrite it, or choose another --out")
-    if out.is_dir():
-        raise UserError(f"--out {out} is a directory: name a .parquet file")
+    _check_out(out, force)
     dev = resolve_device(device)
     model, cfg, tasks, run_schema = load_run(run_dir, which, dev)
     data_dir = Path(data) if data else data_dir_of(cfg)
     schema = Schema.load(data_dir)
-    _check_same_schema(run_schema, schema, data_dir)
+    check_same_schema(run_schema, schema, data_dir)
     frame, files = scan_inputs(raw)
     if any(f.resolve() == out.resolve() for f in files):
         raise UserError(f"--out {out} is one of the inputs: choose another file")
@@ -81,6 +97,7 @@ def predict_log(run_dir: str | Path, raw: list[str], out: str | Path, *, keep: l
             probs = torch.sigmoid(torch.stack(scores, 1)).float().cpu().numpy()
             table = pl.DataFrame([chunk[_KEEP + c].alias(c) for c in keep]
                                  + [pl.Series(name, probs[:, j]) for j, name in enumerate(names)]).to_arrow()
+            table = table.replace_schema_metadata({**(table.schema.metadata or {}), **MARKER})
             if writer is None:
                 writer = pq.ParquetWriter(tmp, table.schema, compression="zstd")
             writer.write_table(table)

@@ -105,7 +105,7 @@ class Stepper:
     Built with everything that is fixed for a run (scope, groups, the torchrun ``group``); a step
     gets what varies per batch (the rank's batch share, whether to sample diagnostics) as
     arguments. Each scope is one short function that sets the parameters' gradients and returns
-    the losses and the tensors that must be finite for the update to be applied.
+    the losses and a device flag: is everything the update would apply finite?
     """
 
     def __init__(self, model, balancer: Balancer, optimizer: torch.optim.Optimizer, scope: str,
@@ -194,8 +194,7 @@ class Stepper:
         return losses.detach(), inputs_finite & self._finite(losses, task_grads + combined + applied + heads)
 
     def _shared(self, b: Batch, diagnose: bool):
-        e, losses, grads = self._per_task(b)
-        shared_grads, task_grads, e_grads = grads[:len(self.shared_params)], grads[len(self.shared_params):-1], grads[-1]
+        e, losses, shared_grads, task_grads, e_grads = self._per_task(b)
         combined, inputs_finite = self._combine(shared_grads, losses, **self._parts())
         e.backward(e_grads.sum(0))  # the embedding rows get the plain sum of the tasks' gradients
         if self.group:
@@ -205,8 +204,7 @@ class Stepper:
         return losses, inputs_finite & self._finite(losses, [e_grads, *task_grads, *combined, *heads])
 
     def _all(self, b: Batch, diagnose: bool):
-        e, losses, grads = self._per_task(b)
-        shared_grads, task_grads, e_grads = grads[:len(self.shared_params)], grads[len(self.shared_params):-1], grads[-1]
+        _, losses, shared_grads, task_grads, e_grads = self._per_task(b)
         table = self.model.embedding.table.weight
         # Per-task gradients of the touched rows [T, U, d]: never a dense per-task copy of the table.
         touched, where = torch.unique(self.model.embedding.rows(b.codes).flatten(), return_inverse=True)
@@ -223,9 +221,10 @@ class Stepper:
         return losses, inputs_finite & self._finite(losses, [*task_grads, *combined, *heads])
 
     # --- pieces the scopes share -----------------------------------------------------------------
-    def _per_task(self, b: Batch) -> tuple[Tensor, Tensor, list[Tensor]]:
-        """Forward with the lookup output as a leaf; per-task gradients of the shared parameters,
-        the task parameters and the looked-up rows (summed over ranks under torchrun)."""
+    def _per_task(self, b: Batch):
+        """Forward with the lookup output as a leaf: (the lookup output, the losses, and the per-task
+        gradients of the shared parameters, of the task parameters and of the looked-up rows;
+        the first two summed over ranks under torchrun)."""
         model = self.model
         with self.autocast:
             e = model.embed(b.codes)
@@ -237,7 +236,8 @@ class Stepper:
         if self.group:  # the global batch's per-task gradients, before the balancer sees them
             self.group.sum_(grads[:-1], b.share)
             detached = self.group.global_losses(detached, b.share)
-        return e, detached, grads
+        k = len(self.shared_params)
+        return e, detached, grads[:k], grads[k:-1], grads[-1]
 
     def _combine(self, inputs: list[Tensor], losses: Tensor, **parts) -> tuple[list[Tensor], Tensor]:
         """The balancer's output, and a device flag: were its inputs finite? Non-finite inputs are

@@ -8,6 +8,7 @@ train rows only, then encode all three splits with ``encode`` (the same function
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import shutil
@@ -22,7 +23,7 @@ import polars as pl
 from mtrec.data.encode import OOV, PAD, encode, vocab_path
 from mtrec.data.fit import fit
 from mtrec.data.labels import check_labels
-from mtrec.data.schema import Feature, Schema
+from mtrec.data.schema import FORMAT, Feature, Schema
 from mtrec.data.sources import column_list, resolve_inputs, scan_files
 from mtrec.data.splits import ROW_COL, SPLIT_COL, SPLITS, column_split, random_split, split_sizes, time_split
 from mtrec.data.spec import DEFAULT_MAX_LEN, DEFAULT_POOLING, ColumnSpec, load_spec
@@ -127,10 +128,21 @@ def _check_out(out: Path, force: bool, files: list[Path]) -> None:
     for path in files:
         if resolved == path or resolved in path.parents:
             raise UserError(f"input {path} lies inside the output {out}: choose another --out")
-    if out.exists():
-        is_empty_dir = out.is_dir() and not any(out.iterdir())
-        if not force and not is_empty_dir:
-            raise UserError(f"{out} exists: pass --force to replace it, or choose another --out")
+    if not out.exists() or (out.is_dir() and not any(out.iterdir())):
+        return
+    if not force:
+        raise UserError(f"{out} exists: pass --force to replace it, or choose another --out")
+    # --force replaces only what mtrec preprocess wrote: an encoded data directory (its schema.json),
+    # never a file, a run directory of mtrec train (config.json) or a foreign folder.
+    made_here = out.is_dir() and (out / "schema.json").is_file() and not (out / "config.json").exists()
+    if made_here:
+        try:
+            made_here = json.loads((out / "schema.json").read_text()).get("format") == FORMAT
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+            made_here = False
+    if not made_here:
+        raise UserError(f"--out {out} is not a data directory of mtrec preprocess: --force only replaces those; "
+                        "choose another --out")
 
 
 # --- features -------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ import pytest
 from mtrec.data.encode import encode, read_raw
 from mtrec.data.preprocess import preprocess
 from mtrec.data.schema import Schema
+from mtrec.errors import UserError
 
 LABELS = ["click", "like", "share"]
 
@@ -162,13 +163,23 @@ def test_split_defaults_to_time_when_a_time_column_is_given(raw_path, tmp_path):
     assert run(raw_path, tmp_path / "r").schema.split["method"] == "random"
 
 
-def test_force_replaces_an_existing_directory(raw_path, tmp_path):
+def test_force_replaces_an_earlier_output_and_nothing_else(raw_path, tmp_path):
     out = tmp_path / "data"
-    out.mkdir()
+    run(raw_path, out, time="ts")
     (out / "old.txt").write_text("old")
     run(raw_path, out, time="ts", force=True)
     assert not (out / "old.txt").exists() and (out / "schema.json").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "in"]  # no temp or old dir left
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep me")
+    with pytest.raises(UserError, match="not a data directory of mtrec preprocess"):
+        run(raw_path, foreign, time="ts", force=True)
+    assert (foreign / "notes.txt").read_text() == "keep me"
+    (tmp_path / "file.parquet").write_bytes(b"x")
+    with pytest.raises(UserError, match="not a data directory"):
+        run(raw_path, tmp_path / "file.parquet", time="ts", force=True)
+    assert (tmp_path / "file.parquet").read_bytes() == b"x"
 
 
 def test_inputs_as_directory_glob_and_several_files(raw_log, tmp_path):

@@ -77,6 +77,13 @@ def test_predict_needs_no_labels_and_maps_unseen_values_to_oov(funnel, condition
     code, out = invoke("predict", conditional_run, "--raw", tmp_path / "tomorrow.parquet", "--out",
                        tmp_path / "p.parquet", "--device", "cpu")
     assert code == 2 and "exists" in out  # never overwritten without --force
+    code, out = invoke("predict", conditional_run, "--raw", tmp_path / "tomorrow.parquet", "--out",
+                       tmp_path / "p.parquet", "--device", "cpu", "--force")
+    assert code == 0, out  # its own earlier predictions: replaced
+    code, out = invoke("predict", conditional_run, "--raw", tmp_path / "tomorrow.parquet", "--out",
+                       funnel / "data" / "test.parquet", "--device", "cpu", "--force")
+    assert code == 2 and "not a predictions file" in out  # --force never replaces data it did not write
+    assert pl.read_parquet(funnel / "data" / "test.parquet").height > 0
     code, out = invoke("predict", conditional_run, "--raw", tmp_path / "missing.parquet", "--out",
                        tmp_path / "q.parquet")
     assert code == 2 and len(out.strip().splitlines()) == 1

@@ -52,6 +52,17 @@ def command(name: str | None = None):
     return decorate
 
 
+def _written_by_synth(path: Path) -> bool:
+    import pyarrow.parquet as pq
+
+    from mtrec.data.synth import SYNTH_MARKER
+
+    try:
+        return (pq.read_schema(path).metadata or {}).get(b"mtrec") == SYNTH_MARKER[b"mtrec"]
+    except (OSError, ValueError):
+        return False
+
+
 def _split_list(text: Optional[str]) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()] if text else []
 
@@ -74,6 +85,9 @@ def synth(
         raise UserError(f"--history must be 0 (no history) or a positive list length, got {history}")
     if out.exists() and not force:
         raise UserError(f"{out} exists: pass --force to overwrite it")
+    if out.exists() and not _written_by_synth(out):
+        raise UserError(f"--out {out} is not a log written by mtrec synth: --force only replaces those; "
+                        "choose another --out")
     write_synthetic(out, rows=rows, seed=seed, history=history)
     console.print(f"wrote {rows:,} rows to {out}")
 

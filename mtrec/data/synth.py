@@ -55,6 +55,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 BLOCK = 1 << 16
+SYNTH_MARKER = {b"mtrec": b"synth"}  # Parquet key-value metadata: synth --force replaces only such files
 ROW_GROUP = 2 * BLOCK  # small row groups keep streaming readers (preprocess) low on memory
 DAYS = 30
 START = 1_700_006_400  # 2023-11-15 00:00:00 UTC
@@ -398,6 +399,7 @@ def write_synthetic(path: str | Path, rows: int, seed: int = 0, chunk_rows: int 
             last = min(first + per_chunk, _blocks(rows))
             table = pl.concat([_block(world, rows, seed, b) for b in range(first, last)]).to_arrow(
                 compat_level=pl.CompatLevel.oldest())
+            table = table.replace_schema_metadata({**(table.schema.metadata or {}), **SYNTH_MARKER})
             if writer is None:
                 writer = pq.ParquetWriter(tmp, table.schema, compression="zstd")
             writer.write_table(table, row_group_size=ROW_GROUP)

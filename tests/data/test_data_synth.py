@@ -186,3 +186,18 @@ def test_synth_history_through_the_cli(tmp_path):
     code, out = invoke("synth", "--out", tmp_path / "bad.parquet", "--history", -1)
     assert_user_error(code, out, "--history")
     assert not (tmp_path / "bad.parquet").exists()
+
+
+def test_synth_force_replaces_its_own_log_and_nothing_else(tmp_path):
+    from tests.test_cli_errors import assert_user_error, invoke
+
+    code, out = invoke("synth", "--out", tmp_path / "log.parquet", "--rows", 300)
+    assert code == 0, out
+    code, out = invoke("synth", "--out", tmp_path / "log.parquet", "--rows", 400, "--force")
+    assert code == 0, out
+    assert pl.read_parquet(tmp_path / "log.parquet").height == 400
+    foreign = pl.DataFrame({"x": [1, 2, 3]})
+    foreign.write_parquet(tmp_path / "mine.parquet")
+    code, out = invoke("synth", "--out", tmp_path / "mine.parquet", "--rows", 300, "--force")
+    assert_user_error(code, out, "not a log written by mtrec synth")
+    assert pl.read_parquet(tmp_path / "mine.parquet").equals(foreign)

@@ -55,7 +55,7 @@ class TrainConfig:
     task_experts: int = 1
     levels: int = 1
     dropout: float = 0.0
-    eval_batch_size: int = 65536
+    eval_batch_size: int = 8192  # 65,536-row batches scored at half the rows/s on CPU (cache) and cost 0.6 GiB
     ndcg_k: int = 10
     diagnostics_every: int = 200  # steps; 0 turns the gradient diagnostics log off
     checkpoint_every: int = 500  # steps; last.pt is also written at every epoch end

@@ -9,8 +9,8 @@ import polars as pl
 
 from mtrec import checkpoint
 from mtrec.build import build_for, feature_names, objective_for, resolve_device
-from mtrec.data.stream import ParquetSplit, available_memory
-from mtrec.data.tensors import Split, fits_on_device, frame_to_split, load_split
+from mtrec.data.stream import ParquetSplit
+from mtrec.data.tensors import Split, fits_on_device, frame_to_split
 from mtrec.errors import UserError
 from mtrec.report import err_console
 from mtrec.scoring import split_metrics
@@ -70,10 +70,8 @@ def evaluate_run(run_dir: str | Path, data: str | None = None, raw: str | None =
         if split not in ("train", "valid", "test"):
             raise UserError(f"--split must be train, valid or test, not {split!r}")
         check_same_schema(run_schema, Schema.load(data_dir), data_dir)
-        on_disk = ParquetSplit(data_dir / f"{split}.parquet", categorical, numeric, tasks)
-        # a split too large for memory is scored row group by row group (only logits/labels stay)
-        part = (load_split(data_dir, split, categorical, numeric, tasks)
-                if on_disk.nbytes <= available_memory() / 2 else on_disk)
+        # scored row group by row group, whatever its size: only the logits, labels and users stay
+        part = ParquetSplit(data_dir / f"{split}.parquet", categorical, numeric, tasks)
         label = f"{split} split of {data_dir}"
     if isinstance(part, Split) and fits_on_device(part, dev):
         part = part.to(dev)  # else copied batch by batch

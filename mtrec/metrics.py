@@ -50,11 +50,14 @@ Scores become an order-preserving ``int32`` key (the IEEE bits of a ``float32`` 
 negative range flipped; dense ranks from one extra sort for ``float64`` / integer scores). Group
 ids become dense ints (``ids - min`` when their range is below 2^30, else ``torch.unique``'s
 inverse -- e.g. hashed ids), and one int64 key ``group << 33 | score << 1 | label`` is sorted
-(an integer sort, no gather afterwards). Runs of equal ``key >> 1`` are the tie blocks, never
-spanning two groups; per-block and per-group positive / negative counts come from one cumulative
-sum of the sorted labels; only the blocks holding a positive are kept for the AUC and DCG sums,
-which are per-group cumulative-sum differences (deterministic on CUDA too). Counts are int64
-(exact U statistics), gains float64.
+(an integer sort, in place on the CPU; no gather afterwards). Runs of equal ``key >> 1`` are the
+tie blocks, never spanning two groups. Only the blocks holding a positive count, so after the sort
+everything is sized by the positives: their positions in the sorted keys give the positive
+blocks, binary searches in the keys give each such block's bounds and its group's, and the AUC
+and DCG sums are per-group cumulative-sum differences (deterministic on CUDA too). Memory: the
+sorted keys (8 bytes a row) plus the score key and the dense groups (4 + 8), whatever the number of
+tasks; elementwise passes over the rows go in chunks. Counts are int64 (exact U statistics),
+gains float64.
 """
 
 from __future__ import annotations
@@ -120,10 +123,14 @@ def _score_key(scores: Tensor) -> Tensor:
         raise TypeError("scores must be real")
     if scores.dtype in (torch.float32, torch.float16, torch.bfloat16, torch.bool, torch.uint8, torch.int8,
                         torch.int16):
-        f = scores.to(torch.float32) + 0.0  # exact widening; + 0.0 turns -0.0 into +0.0
+        f = torch.empty(scores.shape, dtype=torch.float32, device=scores.device).copy_(scores.detach())  # exact
+        f += 0.0  # -0.0 becomes +0.0
         bits = f.view(torch.int32)
         # negative floats: flip all but the sign bit, so signed int order == float order
-        return bits ^ ((bits >> 31) & 0x7FFFFFFF)
+        flip = bits >> 31
+        flip &= 0x7FFFFFFF
+        bits ^= flip
+        return bits
     # float64 / int32 / int64: dense ranks (ties -> equal rank) from one sort
     values, order = torch.sort(scores)
     change = values[1:] != values[:-1]
@@ -145,7 +152,7 @@ def _dense_groups_shifted(groups: Tensor) -> Tensor:
         if g.numel() > _MAX_GROUPS:
             raise ValueError(f"at most {_MAX_GROUPS} rows are supported with sparse group ids")
         dense = torch.unique(g, return_inverse=True)[1]
-    return dense << _GROUP_SHIFT
+    return dense.bitwise_left_shift_(_GROUP_SHIFT)
 
 
 @dataclass
@@ -155,9 +162,9 @@ class _Blocks:
     Only the blocks that hold a positive matter to AUC and NDCG, so per-block arrays cover just
     those (``pb_*``, ordered by group then ascending score): ``pos`` / ``cnt`` (positives /
     rows in the block), ``neg_below`` (negatives of the same group with a strictly lower score),
-    ``above`` (rows of the same group with a strictly higher score). Per group (``G`` groups
-    present, in id order): ``pos``, ``cnt`` and ``[pb_start, pb_end)``, its range of positive
-    blocks.
+    ``above`` (rows of the same group with a strictly higher score). Per group -- only the groups
+    holding a positive, the others have no AUC and no NDCG (with no groups: the one group, always)
+    -- ``pos``, ``cnt`` and ``[pb_start, pb_end)``, its range of positive blocks.
     """
 
     n: int
@@ -176,52 +183,62 @@ class _Blocks:
         return c[self.group_pb_end] - c[self.group_pb_start]
 
 
-def _append(x: Tensor, value: int) -> Tensor:
-    return torch.cat([x, x.new_full((1,), value)])
+_CHUNK = 1 << 22  # rows per elementwise pass over the sorted keys: bounds the temporaries
+
+
+def _sorted_keys(key32: Tensor, pos: Tensor, gshift: Tensor | None) -> Tensor:
+    """int64 ``[N]`` sorted keys ``group << 33 | score << 1 | label``: the only row-sized array the
+    metrics keep (8 bytes a row). Sorted in place on the CPU (NumPy: no index array, no copy)."""
+    key = key32.to(torch.int64).bitwise_left_shift_(1)
+    for i in range(0, key.shape[0], _CHUNK):  # adding the bools whole would widen them all to int64
+        key[i:i + _CHUNK] += pos[i:i + _CHUNK]
+    if gshift is not None:
+        key += gshift
+    if key.device.type == "cpu":
+        key.numpy().sort()
+        return key
+    return torch.sort(key).values
+
+
+def _positive_rows(keys: Tensor) -> Tensor:
+    """Positions of the rows whose label bit is set, in chunks (no row-sized temporary)."""
+    parts = [torch.nonzero(keys[i:i + _CHUNK] & 1).squeeze(1) + i for i in range(0, keys.shape[0], _CHUNK)]
+    return torch.cat(parts)
 
 
 def _blocks(key32: Tensor, pos: Tensor, gshift: Tensor | None) -> _Blocks:
-    """Tie blocks from ``_score_key`` keys, bool ``pos`` and ``_dense_groups_shifted`` (or None: one group)."""
+    """Tie blocks from ``_score_key`` keys, bool ``pos`` and ``_dense_groups_shifted`` (or None: one group).
+
+    Everything beyond the sorted keys is sized by the positives: a positive block's bounds, and
+    its group's, are binary searches in the sorted keys."""
     n = key32.shape[0]
-    device = key32.device
-    one = torch.ones(1, dtype=torch.bool, device=device)
-    key = key32.to(torch.int64).bitwise_left_shift_(1).add_(pos)  # the label rides in the key's last bit
-    if gshift is not None:
-        key.add_(gshift)
-    keys = torch.sort(key).values  # no gather needed: everything is in the sorted keys
-    del key
-    y = keys & 1
+    keys = _sorted_keys(key32, pos, gshift)
+    positive = _positive_rows(keys)
     keys >>= 1  # dense_group << 32 | score key: equal values = one tie block
-    starts = torch.nonzero(torch.cat([one, keys[1:] != keys[:-1]])).squeeze(1)  # [B] first row per block
-    cpos = _exclusive_cumsum(y)  # cpos[i] = positives among the first i sorted rows
-    starts_n = _append(starts, n)  # [B + 1]
-    cpos_at = cpos[starts_n]
-    has_pos = cpos_at[1:] != cpos_at[:-1]
-    pb = torch.nonzero(has_pos).squeeze(1)  # [Pb] blocks holding a positive
-
+    block_keys, pb_pos = torch.unique_consecutive(keys[positive], return_counts=True)  # [Pb]
+    pb_start = torch.searchsorted(keys, block_keys)
+    pb_end = torch.searchsorted(keys, block_keys, right=True)
     if gshift is None:
-        group_row_start = torch.zeros(1, dtype=torch.int64, device=device)
-        pb_group = torch.zeros(pb.shape[0], dtype=torch.int64, device=device)
-    else:
-        # group boundaries are a subset of block boundaries: compare group ids at block starts
-        gid = (keys[starts] + 2**31) >> (_GROUP_SHIFT - 1)  # the score key lies in [-2^31, 2^31)
-        group_row_start = starts[torch.nonzero(torch.cat([one, gid[1:] != gid[:-1]])).squeeze(1)]
-        pb_group = torch.searchsorted(group_row_start, starts[pb], right=True) - 1
-    num_groups = group_row_start.shape[0]
-    group_row_end = _append(group_row_start[1:], n)
-    group_cpos_start = cpos[group_row_start]
-    group_pb = torch.searchsorted(pb_group, torch.arange(num_groups + 1, device=device))
-
-    pb_start, pb_end = starts_n[pb], starts_n[pb + 1]
-    pb_cpos_start = cpos_at[pb]
-    group_neg_start = group_row_start - group_cpos_start  # negatives before the group
+        groups = torch.zeros(1, dtype=torch.int64, device=keys.device)
+        blocks_per_group = pb_pos.new_full((1,), pb_pos.shape[0])
+        group_row_start, group_row_end = groups, groups + n
+    else:  # group g holds the keys [g << 32 - 2^31, (g + 1) << 32 - 2^31): the score key is signed
+        groups, blocks_per_group = torch.unique_consecutive((block_keys + 2**31) >> (_GROUP_SHIFT - 1),
+                                                            return_counts=True)
+        group_row_start = torch.searchsorted(keys, (groups << (_GROUP_SHIFT - 1)) - 2**31)
+        group_row_end = torch.searchsorted(keys, ((groups + 1) << (_GROUP_SHIFT - 1)) - 2**31)
+    group_pb = _exclusive_cumsum(blocks_per_group)
+    pb_group = torch.repeat_interleave(torch.arange(groups.shape[0], device=keys.device), blocks_per_group)
+    cum_pos = _exclusive_cumsum(pb_pos)
+    pos_before = cum_pos[:-1] - cum_pos[group_pb[:-1]][pb_group]  # positives of the group below the block
+    group_start = group_row_start[pb_group]
     return _Blocks(
         n=n,
-        pb_pos=cpos_at[pb + 1] - pb_cpos_start,
+        pb_pos=pb_pos,
         pb_cnt=pb_end - pb_start,
-        pb_neg_below=(pb_start - pb_cpos_start) - group_neg_start[pb_group],
+        pb_neg_below=(pb_start - group_start) - pos_before,
         pb_above=group_row_end[pb_group] - pb_end,
-        group_pos=cpos[group_row_end] - group_cpos_start,
+        group_pos=cum_pos[group_pb[1:]] - cum_pos[group_pb[:-1]],
         group_cnt=group_row_end - group_row_start,
         group_pb_start=group_pb[:-1],
         group_pb_end=group_pb[1:],
@@ -311,15 +328,18 @@ def logloss(logits: Tensor, labels: Tensor) -> Tensor:
     _check_1d("labels", labels, logits.shape[0])
     if logits.shape[0] == 0:
         return _nan(logits.device)
-    return torch.nn.functional.binary_cross_entropy_with_logits(
-        logits.to(torch.float64), labels.to(torch.float64), reduction="mean")
+    total = torch.zeros((), dtype=torch.float64, device=logits.device)
+    for i in range(0, logits.shape[0], _CHUNK):  # float64 copies of a chunk, not of the whole input
+        total += torch.nn.functional.binary_cross_entropy_with_logits(
+            logits[i:i + _CHUNK].to(torch.float64), labels[i:i + _CHUNK].to(torch.float64), reduction="sum")
+    return total / logits.shape[0]
 
 
 def positive_rate(labels: Tensor) -> Tensor:
     """Fraction of rows with ``label > 0.5`` (float64, NaN when empty)."""
     if labels.numel() == 0:
         return _nan(labels.device)
-    return (labels > 0.5).to(torch.float64).mean()
+    return (labels > 0.5).sum(dtype=torch.float64) / labels.numel()
 
 
 def task_metrics(logits: Tensor, labels: Tensor, groups: Tensor | None = None, k: int = 10) -> list[dict]:

@@ -18,12 +18,16 @@ def predict(model, split: Split, batch_size: int) -> torch.Tensor:
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device  # a host-resident split is copied batch by batch
-    out = []
+    out, row = None, 0
     with torch.autocast(device.type, enabled=False):
         for codes, numeric in eval_batches(split, batch_size):
-            out.append(model(codes.to(device), numeric.to(device)).float())
+            logits = model(codes.to(device), numeric.to(device)).float()
+            if out is None:  # filled in place: a list of batches and their concatenation would be twice the size
+                out = logits.new_empty((len(split), logits.shape[1]))
+            out[row:row + len(logits)] = logits
+            row += len(logits)
     model.train(was_training)
-    return torch.cat(out)
+    return out
 
 
 def split_metrics(model, split: Split, objective, batch_size: int, k: int) -> dict:

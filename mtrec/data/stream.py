@@ -24,12 +24,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import polars as pl
 import pyarrow.parquet as pq
 import torch
 from torch import Tensor
 
-from mtrec.data.tensors import Split, epoch_generator, frame_to_split
+from mtrec.data.tensors import Split, epoch_generator
 from mtrec.errors import UserError
 
 DEFAULT_BUFFER_ROWS = 1 << 20
@@ -85,17 +84,21 @@ class ParquetSplit:
         per_row = 4 * (widths + len(self.numeric) + len(self.tasks)) + (8 if self.has_users else 0)
         return per_row * len(self)
 
-    def read(self, groups: list[int]) -> Split:
-        columns = [*self.categorical, *self.numeric, *self.tasks, *(["_user"] if self.has_users else [])]
-        frame = pl.from_arrow(self.file.read_row_groups(sorted(groups), columns=columns))
-        return frame_to_split(frame, self.categorical, self.numeric, self.tasks)
+    def read(self, groups: list[int], order: np.ndarray | None = None) -> Split:
+        """The row groups' rows (in file order, then taken in ``order`` if given) as a Split without
+        users. Single-threaded on purpose (Arrow without threads, NumPy gathers, no torch ops): it
+        runs beside the training step, whose intra-op threads own the cores -- a second thread pool
+        here made a 2-core shared-bottom step 25% slower (docs/benchmarks.md)."""
+        table = self.file.read_row_groups(sorted(groups), columns=[*self.categorical, *self.numeric, *self.tasks],
+                                          use_threads=False)
+        block = lambda columns, dtype: torch.from_numpy(_gather(table, columns, dtype, order))  # noqa: E731
+        return Split(block(self.categorical, np.int32), block(self.numeric, np.float32), block(self.tasks, np.float32),
+                     None)
 
     @property
     def labels(self) -> Tensor:
         if self._labels is None:
-            frame = pl.from_arrow(self.file.read(columns=self.tasks)) if self.tasks else None
-            self._labels = (torch.zeros(len(self), 0) if frame is None
-                            else torch.from_numpy(frame.to_numpy().astype(np.float32)))
+            self._labels = torch.from_numpy(_gather(self.file.read(columns=self.tasks), self.tasks, np.float32, None))
         return self._labels
 
     @property
@@ -114,6 +117,20 @@ class ParquetSplit:
 
 def _width(arrow_type) -> int:
     return getattr(arrow_type, "list_size", 1)
+
+
+def _gather(table, columns: list[str], dtype, order: np.ndarray | None) -> np.ndarray:
+    """``[N, C]`` block of the columns (a fixed-size list adds its elements in place), rows taken
+    in ``order``: one NumPy gather per column straight into the block, no intermediate frame."""
+    widths = [_width(table.schema.field(c).type) for c in columns]
+    out = np.empty((table.num_rows if order is None else len(order), sum(widths)), dtype=dtype)
+    j = 0
+    for c, w in zip(columns, widths):
+        values = table.column(c).combine_chunks()
+        values = (values.flatten() if w > 1 else values).to_numpy(zero_copy_only=False).reshape(-1, w)
+        out[:, j:j + w] = values if order is None else values[order]
+        j += w
+    return out
 
 
 @dataclass
@@ -165,9 +182,8 @@ def stream_batches(split: ParquetSplit, batch_size: int, seed: int, epoch: int, 
     pin = device.type == "cuda"
 
     def load(k: int) -> Split:
-        part = split.read(buffers[k].groups)
-        perm = torch.randperm(len(part), generator=epoch_generator(seed, epoch, buffer=k))
-        part = _take(part, perm)
+        rows = int(split.group_rows[buffers[k].groups].sum())
+        part = split.read(buffers[k].groups, torch.randperm(rows, generator=epoch_generator(seed, epoch, buffer=k)).numpy())
         if pin:
             part = Split(part.codes.pin_memory(), part.numeric.pin_memory(), part.labels.pin_memory(), None)
         return part

@@ -94,3 +94,29 @@ def test_scoring_reads_in_file_order_with_labels_and_users(split_file):
     assert torch.equal(codes, memory.codes)
     assert torch.equal(split.labels, memory.labels) and torch.equal(split.users, memory.users)
     assert split.nbytes == memory.nbytes
+
+
+def test_a_buffer_read_with_its_order_equals_the_loaded_rows_taken_in_that_order(tmp_path):
+    """The streaming reader gathers Arrow columns itself (no frame): sequence columns keep their
+    elements in place, several row groups concatenate in file order, and the order is applied."""
+    rng = np.random.default_rng(1)
+    n = 350
+    frame = pl.DataFrame({
+        "rid": np.arange(n, dtype=np.int32),
+        "hist": pl.Series(rng.integers(0, 20, (n, 3)).astype(np.int32)).cast(pl.Array(pl.Int32, 3)),
+        "x": rng.normal(size=n),  # float64 on disk: cast to float32 like the loader does
+        "a": (rng.random(n) < 0.3).astype(np.uint8),
+    })
+    path = tmp_path / "train.parquet"
+    frame.write_parquet(path, row_group_size=100)
+    split = ParquetSplit(path, ["rid", "hist"], ["x"], ["a"])
+    memory = load_split(tmp_path, "train", ["rid", "hist"], ["x"], ["a"])
+    rows = torch.arange(300, 350).tolist() + torch.arange(100, 200).tolist()  # row groups 3 and 1, file order 1, 3
+    order = np.random.default_rng(2).permutation(150)
+    got = split.read([3, 1], order)
+    in_file_order = torch.tensor(sorted(rows))[torch.from_numpy(order)]
+    assert got.codes.shape == (150, 4) and got.codes.dtype == torch.int32
+    assert torch.equal(got.codes, memory.codes[in_file_order])
+    assert torch.equal(got.numeric, memory.numeric[in_file_order]) and got.numeric.dtype == torch.float32
+    assert torch.equal(got.labels, memory.labels[in_file_order])
+    assert torch.equal(split.read([0]).codes, memory.codes[:100])

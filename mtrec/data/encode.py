@@ -3,8 +3,9 @@
 ``encode`` is the one place that turns raw values into codes and standardised numbers: preprocess
 runs it over its own splits, and ``mtrec evaluate --raw`` runs it over new logs, so the same raw
 row always encodes to the same output. It builds one lazy plan: a left join (order kept) against
-each vocabulary frame, and expressions for hashed, bucketized and numeric features. Joins, not
-``replace_strict``: with Polars 2.1 the streaming engine runs joins in bounded memory, while
+each vocabulary frame (or, for compact integer ids, a dense code table; for string vocabularies
+of up to 65,536 values, a cast to an ``Enum`` of the vocabulary), and expressions for hashed,
+bucketized and numeric features. Joins, not ``replace_strict``: with Polars 2.1 the streaming engine runs joins in bounded memory, while
 ``replace_strict`` materialises whole columns (measured: 150 MB vs 670 MB peak for one string
 feature over 10M rows). Sequence (list) features are the exception: ``list.eval`` with
 ``replace_strict`` maps the elements of each streamed batch (a join would need an explode and a
@@ -211,6 +212,10 @@ def _join_vocab(plan: pl.LazyFrame, feature: Feature, index: int, raw_dtype: pl.
         lookup = _dense_lookup(path, feature)
         if lookup is not None:
             return plan, lookup
+    if raw_dtype == pl.String and value_dtype == pl.String:
+        lookup = _enum_lookup(path, feature)
+        if lookup is not None:
+            return plan, lookup
     key, code = f"__mtrec_key{index}", f"__mtrec_code{index}"
     raw = pl.col(feature.name)
     plan = plan.with_columns((raw if raw_dtype == value_dtype else raw.cast(value_dtype, strict=False)).alias(key))
@@ -241,6 +246,26 @@ def _dense_lookup(path: Path, feature: Feature) -> pl.Expr | None:
     inside = (raw >= lowest) & (raw <= highest)
     found = pl.lit(pl.Series(table)).gather((raw - lowest).clip(0, span - 1))
     return (pl.when(raw.is_null()).then(PAD).when(inside).then(found).otherwise(OOV)
+            .cast(pl.Int32).alias(feature.name))
+
+
+# String vocabularies up to this size are encoded by a cast to an Enum of the vocabulary (codes
+# are the Enum's positions + 2) instead of a join: elementwise, so it streams in bounded memory,
+# where chained left joins with maintain_order="left" buffer rows (measured at 10M rows, the three
+# synth string features: 751 MiB peak and 0.79 s with joins).
+_ENUM_MAX = 1 << 16
+
+
+def _enum_lookup(path: Path, feature: Feature) -> pl.Expr | None:
+    """Codes via a cast to ``Enum(vocabulary in code order)``: a value outside it -> OOV."""
+    vocab = pl.read_parquet(path, columns=["value", "code"]).sort("code")
+    if vocab.height == 0 or vocab.height > _ENUM_MAX:
+        return None
+    if not (vocab["code"] == pl.int_range(2, vocab.height + 2, dtype=pl.Int32, eager=True)).all():
+        return None
+    raw = pl.col(feature.name)
+    position = raw.cast(pl.Enum(vocab["value"]), strict=False).to_physical().cast(pl.Int32)
+    return (pl.when(raw.is_null()).then(PAD).otherwise((position + 2).fill_null(OOV))
             .cast(pl.Int32).alias(feature.name))
 
 

@@ -92,3 +92,44 @@ def test_encoded_splits_are_written_in_fixed_row_groups(tmp_path, monkeypatch):
     preprocess([str(tmp_path / "log.parquet")], ["click"], str(tmp_path / "out"), time="ts")
     groups = [pq.ParquetFile(tmp_path / "out" / "train.parquet").metadata.row_group(i).num_rows for i in range(13)]
     assert groups == [64] * 12 + [800 - 12 * 64]
+
+
+def test_the_partitioned_sink_keeps_input_order_within_each_split(tmp_path, monkeypatch):
+    import mtrec.data.preprocess as module
+
+    monkeypatch.setattr(module, "ROW_GROUP", 50)
+    n = 3000  # random split: the three splits interleave within every input row group
+    frame = pl.DataFrame({"x": np.arange(n), "click": (np.arange(n) % 3 == 0)})
+    for part in range(3):  # several input files
+        frame.slice(part * 1000, 1000).write_parquet(tmp_path / f"log{part}.parquet", row_group_size=128)
+    preprocess([str(tmp_path / f"log{part}.parquet") for part in range(3)], ["click"], str(tmp_path / "out"),
+               split="random", seed=3, features=["x"], min_count=1)
+    position = permuted_positions(np.arange(n), n, 3)
+    n_train, n_valid, _ = split_sizes(n, RATIOS)
+    expected = np.where(position < n_train, 0, np.where(position < n_train + n_valid, 1, 2))
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["schema.json", "test.parquet", "train.parquet",
+                                                                    "valid.parquet", "vocab"]
+    for index, name in enumerate(("train", "valid", "test")):
+        written = pl.read_parquet(tmp_path / "out" / f"{name}.parquet")
+        # codes follow descending count, ties by value: every x is seen once, so code = rank of x + 2
+        rows = np.flatnonzero(expected == index)
+        train_values = np.flatnonzero(expected == 0)
+        codes = np.searchsorted(train_values, rows) + 2 if index == 0 else None
+        if codes is not None:
+            assert written["x"].to_list() == codes.tolist()
+        assert written["click"].to_list() == (rows % 3 == 0).astype(np.uint8).tolist()
+
+
+def test_a_split_without_rows_still_gets_its_file(tmp_path):
+    from mtrec.data.preprocess import _write_splits
+    from mtrec.data.schema import Feature, Schema
+
+    (tmp_path / "vocab").mkdir()
+    schema = Schema(features=[Feature("v", "numeric", "Float64", mean=0.0, std=1.0)], labels=["click"])
+    frame = pl.LazyFrame({"v": [1.0, 2.0, 3.0], "click": [1, 0, 1],
+                          SPLIT_COL: pl.Series([0, 2, 0], dtype=pl.UInt8)})
+    _write_splits(frame, schema, tmp_path)
+    assert pl.read_parquet(tmp_path / "train.parquet")["v"].to_list() == [1.0, 3.0]
+    assert pl.read_parquet(tmp_path / "test.parquet")["v"].to_list() == [2.0]
+    valid = pl.read_parquet(tmp_path / "valid.parquet")
+    assert valid.height == 0 and valid.schema == pl.Schema({"v": pl.Float32, "click": pl.UInt8})

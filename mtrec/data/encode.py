@@ -194,8 +194,11 @@ def _sequence_expr(feature: Feature, schema: Schema, vocab_dir, raw_dtype: pl.Da
         found = key.replace_strict(vocab["value"], vocab["code"], default=OOV, return_dtype=pl.Int32)
         code = pl.when(element.is_null()).then(PAD).otherwise(found.fill_null(OOV)).cast(pl.Int32)
     width = feature.max_len
-    empty = pl.lit(pl.Series([[]], dtype=pl.List(pl.Int32)))
-    padding = pl.lit(pl.Series([[PAD] * width], dtype=pl.List(pl.Int32)))
+    # scalar list literals: a literal Series would be a separate input of the streaming plan, zipped
+    # with the scanned batches, and that zip held rows: peak RSS grew with the rows (50-element
+    # history, 9M rows: 1.5-2.2 GiB, flat with scalars; docs/data.md)
+    empty = pl.lit([], dtype=pl.List(pl.Int32))
+    padding = pl.lit([PAD] * width, dtype=pl.List(pl.Int32))
     codes = pl.col(feature.name).list.tail(width).list.eval(code).fill_null(empty)
     return codes.list.concat(padding).list.head(width).list.to_array(width).alias(feature.name)
 

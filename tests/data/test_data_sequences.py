@@ -273,3 +273,12 @@ def test_encode_refuses_a_flat_column_where_a_sequence_was_fitted(tmp_path, log)
     _, schema, out = run(tmp_path, log)
     with pytest.raises(UserError, match="'hist' is Int64 in the raw log but was List\\(Int64\\)"):
         encode(log.with_columns(pl.col("rank").alias("hist")), schema, out / "vocab", labels=[])
+
+
+def test_the_streaming_encode_plan_zips_no_literal_input(tmp_path, log):
+    """A literal Series (padding, a code table) becomes a separate input that the streaming engine
+    zips with the scanned batches, and that zip held rows: peak memory grew with the log."""
+    _, schema, out = run(tmp_path, log)
+    plan = encode(pl.scan_parquet(tmp_path / "log.parquet"), schema, out / "vocab", check=False)
+    graph = plan.show_graph(engine="streaming", plan_stage="physical", raw_output=True)
+    assert "zip" not in graph and "input-independent" not in graph

@@ -12,8 +12,9 @@ An epoch is one deterministic stream of rows, a function of (seed, epoch) alone:
 So batch ``i`` of an epoch is known from (seed, epoch, i): a resumed run rebuilds the plan and
 starts in the buffer holding row ``i * batch_size``, bit for bit on CPU. The generator of buffer 0
 is the in-memory path's epoch permutation, so with one buffer covering the whole split the stream
-*is* the in-memory path's batches. A background thread reads (and, for CUDA, pins) the next
-buffer while the current one trains. Memory: two buffers, whatever the split's size.
+*is* the in-memory path's batches. On an accelerator a background thread reads (and, for CUDA,
+pins) the next buffer while the current one trains; on a CPU device buffers are read inline (see
+``stream_batches``). Memory: one buffer on CPU, two on an accelerator, whatever the split's size.
 """
 
 from __future__ import annotations
@@ -87,8 +88,7 @@ class ParquetSplit:
     def read(self, groups: list[int], order: np.ndarray | None = None) -> Split:
         """The row groups' rows (in file order, then taken in ``order`` if given) as a Split without
         users. Single-threaded on purpose (Arrow without threads, NumPy gathers, no torch ops): it
-        runs beside the training step, whose intra-op threads own the cores -- a second thread pool
-        here made a 2-core shared-bottom step 25% slower (docs/benchmarks.md)."""
+        may run beside the training step, whose intra-op threads own the cores."""
         table = self.file.read_row_groups(sorted(groups), columns=[*self.categorical, *self.numeric, *self.tasks],
                                           use_threads=False)
         block = lambda columns, dtype: torch.from_numpy(_gather(table, columns, dtype, order))  # noqa: E731
@@ -174,9 +174,11 @@ def _take(part: Split, idx) -> Split:
 
 
 def stream_batches(split: ParquetSplit, batch_size: int, seed: int, epoch: int, buffer_rows: int,
-                   device: torch.device, start: int = 0, shard: tuple[int, int] | None = None):
+                   device: torch.device, start: int = 0, shard: tuple[int, int] | None = None,
+                   background: bool | None = None):
     """Yield (codes, numeric, labels) on ``device`` for batches start, start+1, ... of the epoch
-    (see the module docstring). ``shard=(rank, world)``: rows ``[rank::world]`` of each batch."""
+    (see the module docstring). ``shard=(rank, world)``: rows ``[rank::world]`` of each batch.
+    ``background``: read the next buffer in a thread (default: on accelerators only)."""
     buffers = plan(split.group_rows, seed, epoch, buffer_rows)
     first, offset = position(buffers, start * batch_size)
     pin = device.type == "cuda"
@@ -194,22 +196,32 @@ def stream_batches(split: ParquetSplit, batch_size: int, seed: int, epoch: int, 
             codes, numeric, labels = codes[shard[0]::shard[1]], numeric[shard[0]::shard[1]], labels[shard[0]::shard[1]]
         return tuple(t.to(device, non_blocking=True) for t in (codes, numeric, labels))
 
-    if first >= len(buffers):
-        return
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        pending = pool.submit(load, first)
-        carry: Split | None = None
-        for k in range(first, len(buffers)):
-            part = pending.result()
-            if k + 1 < len(buffers):
-                pending = pool.submit(load, k + 1)
-            if k == first and offset:
-                part = _take(part, slice(offset, None))
-            if carry is not None:
-                part = _cat(carry, part)
-                carry = None
-            usable = len(part) if k == len(buffers) - 1 else len(part) - len(part) % batch_size
-            for begin in range(0, usable, batch_size):
-                yield emit(part, begin, min(begin + batch_size, usable))
-            if usable < len(part):
-                carry = _take(part, slice(usable, None))
+    def parts():
+        """The buffers from ``first`` on. On a CPU device they are read inline: a reader thread beside
+        the step cost far more than its reads (GIL hand-offs stall the step's small ops; measured on 2
+        cores: 82-87k samples/s with the thread, 101k inline, 94k in memory -- docs/benchmarks.md).
+        On an accelerator the step leaves the host idle, so the next buffer is read (and pinned) in a
+        background thread meanwhile."""
+        if not (device.type != "cpu" if background is None else background):
+            yield from map(load, range(first, len(buffers)))
+            return
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            pending = pool.submit(load, first)
+            for k in range(first, len(buffers)):
+                part = pending.result()
+                if k + 1 < len(buffers):
+                    pending = pool.submit(load, k + 1)
+                yield part
+
+    carry: Split | None = None
+    for k, part in enumerate(parts(), start=first):
+        if k == first and offset:
+            part = _take(part, slice(offset, None))
+        if carry is not None:
+            part = _cat(carry, part)
+            carry = None
+        usable = len(part) if k == len(buffers) - 1 else len(part) - len(part) % batch_size
+        for begin in range(0, usable, batch_size):
+            yield emit(part, begin, min(begin + batch_size, usable))
+        if usable < len(part):
+            carry = _take(part, slice(usable, None))

@@ -120,3 +120,14 @@ def test_a_buffer_read_with_its_order_equals_the_loaded_rows_taken_in_that_order
     assert torch.equal(got.numeric, memory.numeric[in_file_order]) and got.numeric.dtype == torch.float32
     assert torch.equal(got.labels, memory.labels[in_file_order])
     assert torch.equal(split.read([0]).codes, memory.codes[:100])
+
+
+@pytest.mark.parametrize("start", [0, 7])
+def test_reading_ahead_in_a_thread_yields_the_same_batches_as_reading_inline(split_file, start):
+    """CUDA reads the next buffer in a background thread, a CPU device inline: same stream."""
+    split = open_split(split_file)
+    inline = list(stream_batches(split, 64, 2, 1, 250, CPU, start=start, background=False))
+    ahead = list(stream_batches(split, 64, 2, 1, 250, CPU, start=start, background=True))
+    assert len(inline) == len(ahead) == -(-N // 64) - start
+    for a, b in zip(inline, ahead):
+        assert all(torch.equal(x, y) for x, y in zip(a, b))

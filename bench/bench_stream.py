@@ -8,8 +8,8 @@ One run, each measurement in its own process, run alone on the machine:
 1. `mtrec synth` writes the log (once per workdir); `mtrec preprocess` encodes it (rows/s, peak RSS;
    always timed, into a fresh folder; the first run's output is kept for the training runs).
 2. Speed: per model, ``--repeats`` alternating pairs of ``--pair-steps`` training steps, the
-   in-memory path (`--data-placement device`) on a subset of the train split that fits (its first
-   ``--subset`` rows) against `--data-placement stream` on the whole train split; same model, batch
+   in-memory path (`--data-placement device`) on a subset of the train split that fits (``--subset``
+   rows, every k-th row of the split) against `--data-placement stream` on the whole train split; same model, batch
    and flags; samples/s of the steps only (no validation). The ratio is the median of the pairs:
    on a shared 2-core VM one run's speed drifts by +-15%, so a single pair says little.
 3. Memory: per model, one epoch of `mtrec train --data-placement stream` on the whole train split,
@@ -37,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import polars as pl  # noqa: E402
+import pyarrow.parquet as pq  # noqa: E402
 
 from peers.common import machine, peak_rss_mib, uptime  # noqa: E402
 
@@ -150,8 +151,9 @@ def main() -> None:
         subset = root / "subset"
         if not (subset / "schema.json").exists():
             shutil.copytree(data, subset, ignore=shutil.ignore_patterns("train.parquet"))
-            pl.scan_parquet(data / "train.parquet").head(args.subset).sink_parquet(subset / "train.parquet",
-                                                                                  row_group_size=131_072)
+            every = max(1, pq.ParquetFile(data / "train.parquet").metadata.num_rows // args.subset)
+            pl.scan_parquet(data / "train.parquet").gather_every(every).head(args.subset).sink_parquet(
+                subset / "train.parquet", row_group_size=131_072)  # spread over the split, not its first rows
         for model in models:
             base = dict(model=model, target="share", epochs=1, batch_size=args.batch_size, diagnostics_every=0,
                         checkpoint_every=0, device="cpu")

@@ -55,7 +55,7 @@ tie blocks, never spanning two groups. Only the blocks holding a positive count,
 everything is sized by the positives: their positions in the sorted keys give the positive
 blocks, binary searches in the keys give each such block's bounds and its group's, and the AUC
 and DCG sums are per-group cumulative-sum differences (deterministic on CUDA too). Memory: the
-sorted keys (8 bytes a row) plus the score key and the dense groups (4 + 8), whatever the number of
+sorted keys (8 bytes a row) plus the score key and the dense groups (4 + 4), whatever the number of
 tasks; elementwise passes over the rows go in chunks. Counts are int64 (exact U statistics),
 gains float64.
 """
@@ -74,6 +74,7 @@ _NAN = float("nan")
 # [-2^31, 2^31): lexicographic (group, score, label) order for dense group ids below 2^30
 _GROUP_SHIFT = 33
 _MAX_GROUPS = 2**30
+_CHUNK = 1 << 22  # rows per elementwise pass over row-sized arrays: bounds the temporaries
 
 
 # --------------------------------------------------------------------------------------------
@@ -127,9 +128,9 @@ def _score_key(scores: Tensor) -> Tensor:
         f += 0.0  # -0.0 becomes +0.0
         bits = f.view(torch.int32)
         # negative floats: flip all but the sign bit, so signed int order == float order
-        flip = bits >> 31
-        flip &= 0x7FFFFFFF
-        bits ^= flip
+        for i in range(0, bits.shape[0], _CHUNK):
+            chunk = bits[i:i + _CHUNK]
+            chunk ^= (chunk >> 31) & 0x7FFFFFFF
         return bits
     # float64 / int32 / int64: dense ranks (ties -> equal rank) from one sort
     values, order = torch.sort(scores)
@@ -138,21 +139,22 @@ def _score_key(scores: Tensor) -> Tensor:
     return torch.empty_like(ranks_sorted).scatter_(0, order, ranks_sorted)
 
 
-def _dense_groups_shifted(groups: Tensor) -> Tensor:
-    """``dense_group_id << 33`` as int64, dense ids below 2^30 preserving the order of the ids."""
+def _dense_groups(groups: Tensor) -> Tensor:
+    """``int32`` dense group ids below 2^30 preserving the order of the ids (4 bytes a row, made in
+    chunks); ``_sorted_keys`` shifts them into the keys' top bits."""
     if groups.is_floating_point() or groups.is_complex():
         raise TypeError(f"groups must be integer ids, got {groups.dtype}")
-    g = groups.to(torch.int64)
-    if g.numel() == 0:
-        return g
-    lo, hi = (int(v) for v in torch.stack(torch.aminmax(g)).tolist())  # one sync per call
+    if groups.numel() == 0:
+        return groups.to(torch.int32)
+    lo, hi = (int(v) for v in torch.stack(torch.aminmax(groups)).tolist())  # one sync per call
     if hi - lo < _MAX_GROUPS:
-        dense = g - lo
-    else:  # e.g. hashed ids: rank them (at most N distinct)
-        if g.numel() > _MAX_GROUPS:
-            raise ValueError(f"at most {_MAX_GROUPS} rows are supported with sparse group ids")
-        dense = torch.unique(g, return_inverse=True)[1]
-    return dense.bitwise_left_shift_(_GROUP_SHIFT)
+        dense = torch.empty(groups.shape, dtype=torch.int32, device=groups.device)
+        for i in range(0, groups.shape[0], _CHUNK):
+            dense[i:i + _CHUNK] = groups[i:i + _CHUNK].to(torch.int64) - lo
+        return dense
+    if groups.numel() > _MAX_GROUPS:  # e.g. hashed ids: rank them (at most N distinct)
+        raise ValueError(f"at most {_MAX_GROUPS} rows are supported with sparse group ids")
+    return torch.unique(groups.to(torch.int64), return_inverse=True)[1].to(torch.int32)
 
 
 @dataclass
@@ -183,17 +185,14 @@ class _Blocks:
         return c[self.group_pb_end] - c[self.group_pb_start]
 
 
-_CHUNK = 1 << 22  # rows per elementwise pass over the sorted keys: bounds the temporaries
-
-
-def _sorted_keys(key32: Tensor, pos: Tensor, gshift: Tensor | None) -> Tensor:
+def _sorted_keys(key32: Tensor, pos: Tensor, groups: Tensor | None) -> Tensor:
     """int64 ``[N]`` sorted keys ``group << 33 | score << 1 | label``: the only row-sized array the
     metrics keep (8 bytes a row). Sorted in place on the CPU (NumPy: no index array, no copy)."""
     key = key32.to(torch.int64).bitwise_left_shift_(1)
-    for i in range(0, key.shape[0], _CHUNK):  # adding the bools whole would widen them all to int64
+    for i in range(0, key.shape[0], _CHUNK):  # whole, the bools and group ids would widen to int64 copies
         key[i:i + _CHUNK] += pos[i:i + _CHUNK]
-    if gshift is not None:
-        key += gshift
+        if groups is not None:
+            key[i:i + _CHUNK] += groups[i:i + _CHUNK].to(torch.int64).bitwise_left_shift_(_GROUP_SHIFT)
     if key.device.type == "cpu":
         key.numpy().sort()
         return key
@@ -206,29 +205,29 @@ def _positive_rows(keys: Tensor) -> Tensor:
     return torch.cat(parts)
 
 
-def _blocks(key32: Tensor, pos: Tensor, gshift: Tensor | None) -> _Blocks:
-    """Tie blocks from ``_score_key`` keys, bool ``pos`` and ``_dense_groups_shifted`` (or None: one group).
+def _blocks(key32: Tensor, pos: Tensor, groups: Tensor | None) -> _Blocks:
+    """Tie blocks from ``_score_key`` keys, bool ``pos`` and ``_dense_groups`` (or None: one group).
 
     Everything beyond the sorted keys is sized by the positives: a positive block's bounds, and
     its group's, are binary searches in the sorted keys."""
     n = key32.shape[0]
-    keys = _sorted_keys(key32, pos, gshift)
+    keys = _sorted_keys(key32, pos, groups)
     positive = _positive_rows(keys)
     keys >>= 1  # dense_group << 32 | score key: equal values = one tie block
     block_keys, pb_pos = torch.unique_consecutive(keys[positive], return_counts=True)  # [Pb]
     pb_start = torch.searchsorted(keys, block_keys)
     pb_end = torch.searchsorted(keys, block_keys, right=True)
-    if gshift is None:
-        groups = torch.zeros(1, dtype=torch.int64, device=keys.device)
+    if groups is None:
+        group_ids = torch.zeros(1, dtype=torch.int64, device=keys.device)
         blocks_per_group = pb_pos.new_full((1,), pb_pos.shape[0])
-        group_row_start, group_row_end = groups, groups + n
+        group_row_start, group_row_end = group_ids, group_ids + n
     else:  # group g holds the keys [g << 32 - 2^31, (g + 1) << 32 - 2^31): the score key is signed
-        groups, blocks_per_group = torch.unique_consecutive((block_keys + 2**31) >> (_GROUP_SHIFT - 1),
+        group_ids, blocks_per_group = torch.unique_consecutive((block_keys + 2**31) >> (_GROUP_SHIFT - 1),
                                                             return_counts=True)
-        group_row_start = torch.searchsorted(keys, (groups << (_GROUP_SHIFT - 1)) - 2**31)
-        group_row_end = torch.searchsorted(keys, ((groups + 1) << (_GROUP_SHIFT - 1)) - 2**31)
+        group_row_start = torch.searchsorted(keys, (group_ids << (_GROUP_SHIFT - 1)) - 2**31)
+        group_row_end = torch.searchsorted(keys, ((group_ids + 1) << (_GROUP_SHIFT - 1)) - 2**31)
     group_pb = _exclusive_cumsum(blocks_per_group)
-    pb_group = torch.repeat_interleave(torch.arange(groups.shape[0], device=keys.device), blocks_per_group)
+    pb_group = torch.repeat_interleave(torch.arange(group_ids.shape[0], device=keys.device), blocks_per_group)
     cum_pos = _exclusive_cumsum(pb_pos)
     pos_before = cum_pos[:-1] - cum_pos[group_pb[:-1]][pb_group]  # positives of the group below the block
     group_start = group_row_start[pb_group]
@@ -307,7 +306,7 @@ def gauc(scores: Tensor, labels: Tensor, groups: Tensor) -> Tensor:
         raise ValueError("gauc needs groups")
     if _grouped_inputs(scores, labels, groups):
         return _nan(scores.device)
-    b = _blocks(_score_key(scores), labels > 0.5, _dense_groups_shifted(groups))
+    b = _blocks(_score_key(scores), labels > 0.5, _dense_groups(groups))
     return _nan_where(_gauc_from_blocks(b), _has_nan(scores))
 
 
@@ -318,7 +317,7 @@ def ndcg_at_k(scores: Tensor, labels: Tensor, groups: Tensor, k: int) -> Tensor:
         raise ValueError("ndcg_at_k needs groups")
     if _grouped_inputs(scores, labels, groups):
         return _nan(scores.device)
-    b = _blocks(_score_key(scores), labels > 0.5, _dense_groups_shifted(groups))
+    b = _blocks(_score_key(scores), labels > 0.5, _dense_groups(groups))
     return _nan_where(_ndcg_from_blocks(b, k), _has_nan(scores))
 
 
@@ -359,7 +358,7 @@ def task_metrics(logits: Tensor, labels: Tensor, groups: Tensor | None = None, k
     n, num_tasks = logits.shape
     if groups is not None:
         _check_1d("groups", groups, n)
-    gshift = _dense_groups_shifted(groups) if groups is not None and n > 0 else None
+    dense = _dense_groups(groups) if groups is not None and n > 0 else None
     rows = []
     for t in range(num_tasks):
         if n == 0:
@@ -368,8 +367,8 @@ def task_metrics(logits: Tensor, labels: Tensor, groups: Tensor | None = None, k
         s, y = logits[:, t], labels[:, t]
         key, pos, has_nan = _score_key(s), y > 0.5, _has_nan(s)
         ranking = [_group_auc(_blocks(key, pos, None))[0][0]]
-        if gshift is not None:
-            b = _blocks(key, pos, gshift)
+        if dense is not None:
+            b = _blocks(key, pos, dense)
             ranking += [_gauc_from_blocks(b), _ndcg_from_blocks(b, k)]
         else:
             ranking += [_nan(s.device), _nan(s.device)]

@@ -104,7 +104,9 @@ class ParquetSplit:
     @property
     def users(self) -> Tensor | None:
         if self.has_users and self._users is None:
-            self._users = torch.from_numpy(self.file.read(columns=["_user"]).column(0).to_numpy().astype(np.int64))
+            users = self.file.read(columns=["_user"]).column(0).combine_chunks().to_numpy(zero_copy_only=False)
+            users = users.astype(np.int64, copy=False)  # one copy at most: Arrow's buffer is read-only
+            self._users = torch.from_numpy(users if users.flags.writeable else users.copy())
         return self._users
 
     def eval_batches(self, batch_size: int):

@@ -370,8 +370,8 @@ def _write_splits(frame: pl.LazyFrame, schema: Schema, directory: Path) -> None:
     """
     encoded = encode(frame, schema, directory / "vocab", check=False, keep=(SPLIT_COL,))
 
-    def split_file(args) -> Path:
-        return directory / f"{SPLITS[args.partition_keys[SPLIT_COL][0]]}.parquet"
+    def split_file(args) -> str:  # relative to the partition's base path (a relative --out nested it twice)
+        return f"{SPLITS[args.partition_keys[SPLIT_COL][0]]}.parquet"
 
     encoded.sink_parquet(pl.PartitionBy(directory, key=SPLIT_COL, include_key=False, approximate_bytes_per_file=None,
                                         file_path_provider=split_file),

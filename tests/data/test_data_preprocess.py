@@ -310,3 +310,13 @@ def test_each_pass_is_announced_in_order(raw_path, tmp_path):
     assert stages == ["checking the labels", "assigning the time split",
                       "fitting vocabularies and statistics on the train rows", "encoding and writing the splits",
                       "measuring positive and OOV rates"]
+
+
+def test_a_relative_out_directory_holds_the_rows_of_every_split(raw_path, tmp_path, monkeypatch):
+    """The splits are written by one partitioned sink: with a relative --out (as `make demo` passes)
+    its files must land in that directory, not nested below it."""
+    monkeypatch.chdir(tmp_path)
+    summary = run(raw_path, "rel/data", user="user_id", item="item_id", time="ts")
+    for name in ("train", "valid", "test"):
+        assert pl.read_parquet(tmp_path / "rel" / "data" / f"{name}.parquet").height == summary.rows[name] > 0
+    assert sorted(p.name for p in (tmp_path / "rel").iterdir()) == ["data"]

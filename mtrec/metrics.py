@@ -328,9 +328,10 @@ def logloss(logits: Tensor, labels: Tensor) -> Tensor:
     if logits.shape[0] == 0:
         return _nan(logits.device)
     total = torch.zeros((), dtype=torch.float64, device=logits.device)
-    for i in range(0, logits.shape[0], _CHUNK):  # float64 copies of a chunk, not of the whole input
+    step = _CHUNK // 4  # float64 copies of a chunk and the loss's temporaries (~5 of them): 32 MiB each
+    for i in range(0, logits.shape[0], step):
         total += torch.nn.functional.binary_cross_entropy_with_logits(
-            logits[i:i + _CHUNK].to(torch.float64), labels[i:i + _CHUNK].to(torch.float64), reduction="sum")
+            logits[i:i + step].to(torch.float64), labels[i:i + step].to(torch.float64), reduction="sum")
     return total / logits.shape[0]
 
 

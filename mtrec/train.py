@@ -149,7 +149,7 @@ class Trainer:
         self._count_clipped()
         if not self.main:
             return
-        if not bool(torch.stack([torch.isfinite(p).all() for p in self.model.parameters()]).all()):
+        if not _all_finite(self.model.parameters()):
             raise UserError(f"the model's parameters are no longer finite: {name} was not overwritten, the last good "
                             f"checkpoint is {self.run_dir / 'last.pt'} (lower --lr or set --clip-grad)")
         checkpoint.save(self.run_dir / name, self._state(), self._meta())
@@ -311,6 +311,14 @@ class Trainer:
                                                                     ("clipped", s.clipped_total)) if n)
             console.print(f"epoch {s.epoch}: {samples_per_second:,.0f} samples/s, valid AUC {self.tasks[0]} "
                           f"{target_auc:.4f}{selected}{mark}  {aux}" + (f"  ({counts})" if counts else ""))
+
+
+def _all_finite(params) -> bool:
+    """Whether every parameter is finite, from each one's min and max (NaN propagates through
+    both): ``isfinite(p).all()`` built an abs and masks of the whole table (+400 MiB for a 60M-value
+    table, the run's peak)."""
+    bounds = [torch.stack(torch.aminmax(p.detach())) for p in params if p.numel()]
+    return bool(torch.isfinite(torch.cat(bounds)).all()) if bounds else True
 
 
 def resolved_paths(cfg: TrainConfig) -> TrainConfig:

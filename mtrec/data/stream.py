@@ -72,8 +72,6 @@ class ParquetSplit:
         self.group_rows = np.array([meta.row_group(g).num_rows for g in range(meta.num_row_groups)], dtype=np.int64)
         if self.group_rows.sum() == 0:
             raise UserError(f"the split {self.path} is empty: use more data or other split ratios")
-        self._labels: Tensor | None = None
-        self._users: Tensor | None = None
 
     def __len__(self) -> int:
         return int(self.group_rows.sum())
@@ -97,17 +95,23 @@ class ParquetSplit:
 
     @property
     def labels(self) -> Tensor:
-        if self._labels is None:
-            self._labels = torch.from_numpy(_gather(self.file.read(columns=self.tasks), self.tasks, np.float32, None))
-        return self._labels
+        """``[N, T]`` float32, read now and not kept (scoring asks once per validation)."""
+        return torch.from_numpy(self._column_block(self.tasks, np.float32))
 
     @property
     def users(self) -> Tensor | None:
-        if self.has_users and self._users is None:
-            users = self.file.read(columns=["_user"]).column(0).combine_chunks().to_numpy(zero_copy_only=False)
-            users = users.astype(np.int64, copy=False)  # one copy at most: Arrow's buffer is read-only
-            self._users = torch.from_numpy(users if users.flags.writeable else users.copy())
-        return self._users
+        """``[N]`` int64 user ids, read now and not kept; None when the split has none."""
+        return torch.from_numpy(self._column_block(["_user"], np.int64)[:, 0]) if self.has_users else None
+
+    def _column_block(self, columns: list[str], dtype) -> np.ndarray:
+        """``[N, C]`` of scalar columns filled row group by row group: the only transient is one
+        row group's columns (reading the whole column at once held Arrow's copy beside ours)."""
+        out = np.empty((len(self), len(columns)), dtype=dtype)
+        bounds = np.concatenate([[0], np.cumsum(self.group_rows)])
+        for g in range(len(self.group_rows)):
+            table = self.file.read_row_group(g, columns=columns, use_threads=False)
+            out[bounds[g]:bounds[g + 1]] = _gather(table, columns, dtype, None)
+        return out
 
     def eval_batches(self, batch_size: int):
         """(codes, numeric) in file order, one row group read at a time."""

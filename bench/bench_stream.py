@@ -168,8 +168,9 @@ def main() -> None:
                 ratios.append(speed["stream"] / speed["device"])
                 print(f"{model:14s} {pair_steps[model]} steps: in-memory subset {speed['device']:9,.0f}  "
                       f"stream {speed['stream']:9,.0f} samples/s  ratio {ratios[-1]:.2f}", flush=True)
-            print(f"{model:14s} streaming / in-memory samples/s, median of {len(ratios)} pairs: "
-                  f"{statistics.median(ratios):.2f}", flush=True)
+            if ratios:
+                print(f"{model:14s} streaming / in-memory samples/s, median of {len(ratios)} pairs: "
+                      f"{statistics.median(ratios):.2f}", flush=True)
             cfg = dict(base, data=str(data), out=str(root / f"run-{model}-stream"), data_placement="stream")
             r = child("train", json.dumps(cfg), epoch_steps[model], "validate")
             print(f"{model:14s} stream epoch ({r['steps']:,} steps, then validation): {r['samples_per_second']:,.0f} "

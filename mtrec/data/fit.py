@@ -192,7 +192,7 @@ def fit(train: pl.LazyFrame, features: list[Feature], protected: set[str],
     # 3M / 9M rows in the one pass, against about 0.4-0.5 GiB as queries of their own).
     flat = [f for f in vocab_features if f.kind != "sequence"]
     sequences = [f for f in vocab_features if f.kind == "sequence"]
-    value_counts, rows = count_values(train, flat) if flat else ({}, None)
+    value_counts = count_values(train, flat)[0] if flat else {}  # the rows come from the stats query
     results = pl.collect_all([train.select(stats)] + [_vocab_query(train, f) for f in sequences], engine="streaming",
                              optimizations=pl.QueryOptFlags(comm_subplan_elim=False))
     row = results[0].row(0, named=True)

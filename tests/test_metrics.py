@@ -338,6 +338,24 @@ def test_task_metrics(data):
     assert [r["auc"] for r in no_groups] == [r["auc"] for r in rows]
 
 
+@pytest.mark.parametrize("dense_ids", [False, True], ids=["sparse-ids", "dense-ids"])
+def test_task_metrics_in_small_chunks(data, monkeypatch, dense_ids):
+    """The row-sized passes run in ``_CHUNK``-row pieces (score-key flip, dense ids, key assembly,
+    positives, logloss): with tiny, uneven chunks every piece boundary is crossed many times and
+    the values must still be scikit-learn's."""
+    s, y, g = data
+    if dense_ids:  # ids within 2^30 take the chunked ``ids - min`` path, not ``unique``
+        g = np.unique(g, return_inverse=True)[1].astype(np.int64) * 3 - 100
+    monkeypatch.setattr(M, "_CHUNK", 37)
+    logits = np.stack([s - 0.5, np.random.default_rng(5).normal(size=len(s)).astype(np.float32)], 1)
+    labels = np.stack([y, 1 - y], 1)
+    for row, lj, yj in zip(M.task_metrics(t(logits), t(labels), t(g), k=3), logits.T, labels.T):
+        assert abs(row["auc"] - roc_auc_score(yj, lj)) < TOL
+        assert abs(row["gauc"] - ref_gauc(lj, yj, g)) < TOL
+        assert abs(row["ndcg@3"] - ref_ndcg(lj, yj, g, 3)) < TOL
+        assert abs(row["logloss"] - log_loss(yj, 1 / (1 + np.exp(-lj.astype(np.float64))))) < TOL
+
+
 def test_task_metrics_one_class_task_is_nan():
     rows = M.task_metrics(torch.randn(6, 1), torch.zeros(6, 1), torch.tensor([0, 0, 0, 1, 1, 1]))
     assert math.isnan(rows[0]["auc"]) and math.isnan(rows[0]["gauc"]) and math.isnan(rows[0]["ndcg@10"])

@@ -21,11 +21,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_train import TASKS, prepare, sync  # noqa: E402
-from mtrec.config import TrainConfig  # noqa: E402
+
+from mtrec.core.config import TrainConfig  # noqa: E402
 from mtrec.data.schema import Schema  # noqa: E402
 from mtrec.data.tensors import load_split  # noqa: E402
-from mtrec.step import Stepper  # noqa: E402
-from mtrec.build import autocast_dtype, build_for, feature_names, make_optimizer  # noqa: E402
+from mtrec.engine.build import autocast_dtype, build_for, feature_names, make_optimizer  # noqa: E402
+from mtrec.engine.step import Stepper  # noqa: E402
 
 SETTINGS = [("ew", "shared", "tensor"),
             ("metabalance", "shared", "tensor"), ("metabalance", "all", "tensor"), ("metabalance", "all", "part"),

@@ -1,4 +1,4 @@
-"""Benchmark: mtrec.metrics.gauc (vectorised torch) vs scikit-learn's roc_auc_score per user.
+"""Benchmark: mtrec.metrics.functional.gauc (vectorised torch) vs scikit-learn's roc_auc_score per user.
 
     python bench/bench_metrics.py                      # 10M predictions, 100k users, CPU
     python bench/bench_metrics.py --device cuda
@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from mtrec import metrics  # noqa: E402
+from mtrec.metrics import functional as metrics  # noqa: E402
 
 
 def make_data(rows: int, users: int, seed: int, hashed: bool):

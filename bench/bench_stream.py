@@ -38,7 +38,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import polars as pl  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
-
 from peers.common import machine, peak_rss_mib, uptime  # noqa: E402
 
 LABELS = ["click", "like", "share"]
@@ -54,8 +53,8 @@ def worker(kind: str, args: list[str]) -> None:
         summary = preprocess([args[0]], LABELS, args[1], user="user_id", item="item_id", time="ts")
         result["rows"] = sum(summary.rows.values())
     elif kind == "train":
-        import mtrec.train as train_module
-        from mtrec.config import TrainConfig
+        import mtrec.engine.loop as train_module
+        from mtrec.core.config import TrainConfig
 
         cfg = TrainConfig(**json.loads(args[0]))
         steps = int(args[1])
@@ -69,7 +68,7 @@ def worker(kind: str, args: list[str]) -> None:
         result.update(samples_per_second=record["samples_per_second"], steps=record["step"],
                       placement=trainer.placement)
     elif kind == "evaluate":
-        from mtrec.evaluate import evaluate_run
+        from mtrec.serving.evaluate import evaluate_run
 
         out = evaluate_run(args[0], split="test", device="cpu", which="last")
         result.update(rows=out["metrics"]["mean"]["n"], auc=out["metrics"][out["target"]]["auc"])

@@ -36,13 +36,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_train import TASKS, prepare  # noqa: E402
-from mtrec.config import TrainConfig  # noqa: E402
+
+from mtrec.core.config import TrainConfig  # noqa: E402
 from mtrec.data.schema import Schema  # noqa: E402
 from mtrec.data.tensors import load_split  # noqa: E402
-from mtrec.evaluate import evaluate_run  # noqa: E402
-from mtrec.step import Stepper  # noqa: E402
-from mtrec.build import build_for, feature_names, make_optimizer  # noqa: E402
-from mtrec.train import train  # noqa: E402
+from mtrec.engine.build import build_for, feature_names, make_optimizer  # noqa: E402
+from mtrec.engine.loop import train  # noqa: E402
+from mtrec.engine.step import Stepper  # noqa: E402
+from mtrec.serving.evaluate import evaluate_run  # noqa: E402
 
 CENSUS = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "census_income_kdd" / \
     "census_income_kdd_test.parquet"

@@ -22,14 +22,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import mtrec.build  # noqa: E402
-import mtrec.evaluate  # noqa: E402
-import mtrec.train  # noqa: E402
-from mtrec.config import TrainConfig  # noqa: E402
+import mtrec.engine.build  # noqa: E402
+import mtrec.engine.loop  # noqa: E402
+import mtrec.serving.evaluate  # noqa: E402
+from mtrec.core.config import TrainConfig  # noqa: E402
 from mtrec.data.preprocess import preprocess  # noqa: E402
 from mtrec.data.synth import write_synthetic  # noqa: E402
-from mtrec.evaluate import evaluate_run  # noqa: E402
-from mtrec.objective import Objective  # noqa: E402
+from mtrec.engine.objective import Objective  # noqa: E402
+from mtrec.serving.evaluate import evaluate_run  # noqa: E402
 
 SMALL = dict(epochs=2, batch_size=1024, embedding_dim=16, expert_sizes=[64], tower_sizes=[32], num_experts=2,
              diagnostics_every=0, device="cpu")
@@ -37,7 +37,7 @@ HISTORY_SPEC = Path(__file__).resolve().parents[1] / "sample_data" / "sequence_s
 
 
 def _test_auc(cfg: TrainConfig, column: str) -> float:
-    mtrec.train.train(cfg, force=True, quiet=True)
+    mtrec.engine.loop.train(cfg, force=True, quiet=True)
     return evaluate_run(cfg.out, split="test", device="cpu")["metrics"][column]["auc"]
 
 
@@ -46,8 +46,8 @@ def esmm(work: Path, rows: int, seeds: list[int]) -> dict[str, list[float]]:
     preprocess([str(work / "log.parquet")], ["click", "like", "share"], str(work / "data"), user="user_id",
                item="item_id", time="ts")
     results: dict[str, list[float]] = {"esmm ctcvr": [], "plain share": []}
-    modules = (mtrec.build, mtrec.train, mtrec.evaluate)  # every place that builds the objective
-    real = mtrec.build.objective_for
+    modules = (mtrec.engine.build, mtrec.engine.loop, mtrec.serving.evaluate)  # every place that builds the objective
+    real = mtrec.engine.build.objective_for
     for seed in seeds:
         base = dict(data=str(work / "data"), model="esmm", target="share", tasks=["share", "click"],
                     conditions=["share:click"], seed=seed, **SMALL)

@@ -17,9 +17,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mtrec.config import TrainConfig  # noqa: E402
-from mtrec.evaluate import evaluate_run  # noqa: E402
-from mtrec.train import train  # noqa: E402
+from mtrec.core.config import TrainConfig  # noqa: E402
+from mtrec.engine.loop import train  # noqa: E402
+from mtrec.serving.evaluate import evaluate_run  # noqa: E402
 
 
 def run_grid(data: Path, workdir: Path, model: str, balancers: list[str], seeds: list[int], epochs: int,

@@ -213,10 +213,10 @@ def test_evaluate_bad_input(world, tmp_path, case):
 def test_evaluate_raw_logs_match_encoded_split(world, tmp_path):
     """Raw logs through the saved vocabularies score exactly like the rows preprocess encoded."""
     from mtrec.data.tensors import frame_to_split
-    from mtrec.evaluate import load_run
-    from mtrec.scoring import split_metrics
-    from mtrec.objective import Objective
-    from mtrec.build import feature_names
+    from mtrec.engine.build import feature_names
+    from mtrec.engine.objective import Objective
+    from mtrec.metrics.split import split_metrics
+    from mtrec.serving.evaluate import load_run
 
     code, out = invoke("evaluate", world / "run", "--json", "--device", "cpu", "--raw", world / "log.parquet")
     assert code == 0, out
@@ -268,7 +268,7 @@ def test_architecture_flags_reach_the_model(world, tmp_path):
                        "--epochs", "1", "--embedding-dim", "4", "--diagnostics-every", "0", "--quiet",
                        "--out", tmp_path / "run")
     assert code == 0, out
-    from mtrec.evaluate import load_run
+    from mtrec.serving.evaluate import load_run
 
     model, cfg, _, _ = load_run(tmp_path / "run")
     assert cfg.expert_sizes == [16, 8] and cfg.tower_sizes == [4] and len(model.task_experts) == 2

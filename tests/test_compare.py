@@ -15,8 +15,9 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from mtrec import checkpoint, compare
-from mtrec.errors import UserError
+from mtrec.core.errors import UserError
+from mtrec.engine import checkpoint
+from mtrec.research import compare
 
 TASKS = ["like", "click", "share"]  # target first, as eval.json lists them
 TINY = ["--target", "like", "--expert-sizes", "8", "--tower-sizes", "4", "--embedding-dim", "4",
@@ -92,7 +93,8 @@ def test_summary_numbers_equal_a_hand_computation_from_the_cells(tmp_path):
                        - np.mean([base[s]["metrics"][t]["auc"] for s in paired]))
                       / np.mean([base[s]["metrics"][t]["auc"] for s in paired]) * 100 for t in TASKS])
         assert group["dm_percent"] == pytest.approx(dm, rel=1e-12, abs=1e-12)
-        ratio = np.mean([np.mean(mine[s]["speeds"]) for s in paired]) / np.mean([np.mean(base[s]["speeds"]) for s in paired])
+        mine_speed = np.mean([np.mean(mine[s]["speeds"]) for s in paired])
+        ratio = mine_speed / np.mean([np.mean(base[s]["speeds"]) for s in paired])
         assert group["speed_ratio"] == pytest.approx(ratio, rel=1e-12)
         assert group["skipped_steps"] == sum(mine[s]["skipped"] for s in mine)
     assert groups[("ple", "pcgrad")]["failed"] == ["ple-pcgrad-s3"]
@@ -131,7 +133,8 @@ def test_grid_rules(tmp_path):
                "--balancer-opt": True}
 
     def grid(balancers="ew,pcgrad", models="mmoe", baseline=None, args=()):
-        return compare.make_grid(str(data), models.split(","), balancers.split(","), [1, 2], baseline, list(args), options)
+        return compare.make_grid(str(data), models.split(","), balancers.split(","), [1, 2], baseline, list(args),
+                                 options)
 
     assert grid().baseline == "ew" and grid("pcgrad,mgda").baseline == "pcgrad"
     passed = ["--epochs", "2", "--lr=1e-3", "--balancer-opt", "alpha=1", "--balancer-opt", "beta=2", "--target", "x"]

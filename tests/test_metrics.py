@@ -1,4 +1,4 @@
-"""mtrec.metrics against scikit-learn (and brute-force per-group loops) on data with many ties."""
+"""mtrec.metrics.functional against scikit-learn (and brute-force per-group loops) on data with many ties."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 from sklearn.metrics import log_loss, ndcg_score, roc_auc_score
 
-from mtrec import metrics as M
+from mtrec.metrics import functional as M
 
 TOL = 1e-6
 

@@ -11,12 +11,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 from scipy import stats
+from test_compare import TASKS, write_fake_compare
 from typer.testing import CliRunner
 
-from mtrec import plot
 from mtrec.cli import app
-from mtrec.errors import UserError
-from test_compare import TASKS, write_fake_compare
+from mtrec.core.errors import UserError
+from mtrec.research import plot
 
 pytest.importorskip("matplotlib")
 
@@ -102,7 +102,7 @@ def test_run_figures_are_written(tmp_path):
 
 
 def test_compare_series_equal_the_summary_and_figures_are_written(tmp_path):
-    from mtrec.compare import summarize
+    from mtrec.research.compare import summarize
 
     cells = write_fake_compare(tmp_path / "cmp", ["mmoe", "ple"], ["ew", "pcgrad", "gradcraft"], [1, 2, 3])
     summary = summarize(tmp_path / "cmp")

@@ -1,4 +1,4 @@
-"""GAUC over 10M predictions and 100k users: mtrec.metrics.gauc vs a scikit-learn per-user loop
+"""GAUC over 10M predictions and 100k users: mtrec.metrics.functional.gauc vs a scikit-learn per-user loop
 and FuxiCTR's gAUC (``fuxictr.metrics.evaluate_metrics(..., ["gAUC"], group_id=...)``).
 
 The two peers need minutes to hours on all users, so each is timed on a random subset of users and
@@ -17,7 +17,7 @@ import time
 import numpy as np
 import torch
 
-from mtrec import metrics
+from mtrec.metrics import functional as metrics
 
 from bench_metrics import make_data as _bench_metrics_data  # bench/ is on sys.path (compare_peers.py)
 from bench_metrics import sklearn_gauc_subset

@@ -75,9 +75,9 @@ def mmoe_flops_per_sample(in_dim: int, num_tasks: int = 2) -> float:
 # --- workers -------------------------------------------------------------------------------------
 
 def run_mtrec(data: str, out: str, balancer: str, seed: int) -> dict:
-    from mtrec.config import TrainConfig
-    from mtrec.evaluate import evaluate_run
-    from mtrec.train import train
+    from mtrec.core.config import TrainConfig
+    from mtrec.serving.evaluate import evaluate_run
+    from mtrec.engine.loop import train
 
     cfg = TrainConfig(data=data, out=out, model="mmoe", target=TARGET, balancer=balancer,
                       scope="all" if balancer == "metabalance" else "", batch_size=BATCH, lr=LR, epochs=EPOCHS,
@@ -158,7 +158,7 @@ def run_rechub(data: str, out: str, balancer: str, seed: int) -> dict:
 
     from mtrec.data.schema import Schema
     from mtrec.data.tensors import load_split
-    from mtrec.build import feature_names
+    from mtrec.engine.build import feature_names
 
     torch.manual_seed(seed)
     np.random.seed(seed)
@@ -220,7 +220,7 @@ def _spread(values: list[float]) -> str:
 
 def run(quick: bool, seeds_arg: str | None, workdir: str | None) -> None:
     from mtrec.data.schema import Schema
-    from mtrec.build import feature_names
+    from mtrec.engine.build import feature_names
 
     header("MMoE training on Census-Income: mtrec vs torch-rechub")
     from importlib.metadata import version

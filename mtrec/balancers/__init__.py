@@ -17,9 +17,9 @@ from mtrec.balancers.gradnorm import GradNorm
 from mtrec.balancers.gram import IMTL, AlignedMTL, NashMTL
 from mtrec.balancers.metabalance import MetaBalance
 from mtrec.balancers.projection import GradVac, PCGrad
-from mtrec.balancers.simplex import CAGrad, MGDA
+from mtrec.balancers.simplex import MGDA, CAGrad
 from mtrec.balancers.weighting import DWA, EW, FAMO, UW, FixedWeights
-from mtrec.errors import UserError
+from mtrec.core.errors import UserError
 
 __all__ = ["Balancer", "GradBalancer", "LossBalancer", "build", "describe", "hparams", "names"]
 

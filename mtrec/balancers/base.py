@@ -26,7 +26,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from mtrec.errors import UserError
+from mtrec.core.errors import UserError
 
 
 class Balancer(torch.nn.Module):

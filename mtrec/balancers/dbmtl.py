@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 
 from mtrec.balancers.base import GradBalancer, check_real, require_losses, weighted_sum
-from mtrec.errors import UserError
+from mtrec.core.errors import UserError
 
 
 class DBMTL(GradBalancer):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from mtrec.balancers.base import GradBalancer, adam_step_, register_adam_state, check_real, require_losses, weighted_sum
+from mtrec.balancers.base import GradBalancer, adam_step_, check_real, register_adam_state, require_losses, weighted_sum
 
 
 class GradNorm(GradBalancer):

@@ -9,8 +9,16 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from mtrec.balancers.base import (GramBalancer, check_choice, check_int, check_real, gram_matrix, require_losses,
-                                  small_dtype, weighted_sum)
+from mtrec.balancers.base import (
+    GramBalancer,
+    check_choice,
+    check_int,
+    check_real,
+    gram_matrix,
+    require_losses,
+    small_dtype,
+    weighted_sum,
+)
 from mtrec.balancers.linalg import solve, symmetric_eigh
 
 IMTL_VARIANTS = ("hybrid", "gradient", "loss")
@@ -142,7 +150,6 @@ class NashMTL(GramBalancer):
         M = torch.where(both, M, torch.zeros_like(M))
         frobenius = torch.linalg.matrix_norm(M)
         M = M / torch.where(frobenius > 0, frobenius, torch.ones_like(frobenius))
-        eye = torch.eye(T, dtype=M.dtype, device=M.device)
         # Ridge relative to each task's own scale (the problem is invariant to rescaling a task:
         # alpha_t just scales inversely); inactive tasks get an identity row and are dropped.
         diag = torch.diagonal(M)

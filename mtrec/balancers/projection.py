@@ -15,8 +15,15 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from mtrec.balancers.base import (GradBalancer, GramBalancer, check_choice, check_real, gram_matrix, lazy_state,
-                                  small_dtype)
+from mtrec.balancers.base import (
+    GradBalancer,
+    GramBalancer,
+    check_choice,
+    check_real,
+    gram_matrix,
+    lazy_state,
+    small_dtype,
+)
 from mtrec.balancers.parts import group_grams, group_weighted_sum
 
 REDUCTIONS = ("sum", "mean")

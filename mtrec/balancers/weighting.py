@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from mtrec.balancers.base import LossBalancer, adam_step_, register_adam_state, check_int, check_real, check_reals
-from mtrec.errors import UserError
+from mtrec.balancers.base import LossBalancer, adam_step_, check_int, check_real, check_reals, register_adam_state
+from mtrec.core.errors import UserError
 
 
 class EW(LossBalancer):

@@ -6,6 +6,7 @@
 - ``spec``: the TOML feature spec. ``synth``: synthetic interaction logs.
 - ``tensors``: encoded Parquet -> torch (the only module here that imports torch).
 
-Nothing in this package except ``tensors`` imports torch. Decisions: docs/data.md; output format:
+Beside models and balancers, above the core: imports ``mtrec.core`` only. Nothing in this
+package except ``tensors`` and ``stream`` imports torch. Decisions: docs/data.md; output format:
 docs/data-format.md.
 """

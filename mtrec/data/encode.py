@@ -5,7 +5,8 @@ runs it over its own splits, and ``mtrec evaluate --raw`` runs it over new logs,
 row always encodes to the same output. It builds one lazy plan: a left join (order kept) against
 each vocabulary frame (or, for compact integer ids, a dense code table; for string vocabularies
 of up to 65,536 values, a cast to an ``Enum`` of the vocabulary), and expressions for hashed,
-bucketized and numeric features. Joins, not ``replace_strict``: with Polars 2.1 the streaming engine runs joins in bounded memory, while
+bucketized and numeric features. Joins, not ``replace_strict``: with Polars 2.1 the streaming engine
+runs joins in bounded memory, while
 ``replace_strict`` materialises whole columns (measured: 150 MB vs 670 MB peak for one string
 feature over 10M rows). Sequence (list) features are the exception: ``list.eval`` with
 ``replace_strict`` maps the elements of each streamed batch (a join would need an explode and a
@@ -22,11 +23,11 @@ from urllib.parse import quote
 import numpy as np
 import polars as pl
 
+from mtrec.core.errors import UserError
 from mtrec.data.hashing import stable_hash_expr
 from mtrec.data.labels import check_labels, label_expr
 from mtrec.data.schema import Feature, Schema
 from mtrec.data.sources import column_list, normalise_dtypes, scan_inputs
-from mtrec.errors import UserError
 
 PAD, OOV = 0, 1  # reserved codes; the vocabulary starts at 2
 USER_GROUP = "_user"

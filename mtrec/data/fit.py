@@ -119,7 +119,8 @@ class _ValueCounts:
 
     def _dense_frame(self) -> pl.DataFrame:
         seen = np.flatnonzero(self.dense)
-        value = pl.Series("value", seen, dtype=pl.UInt64 if self.dtype.is_unsigned_integer() else pl.Int64) + self.lowest
+        dtype = pl.UInt64 if self.dtype.is_unsigned_integer() else pl.Int64
+        value = pl.Series("value", seen, dtype=dtype) + self.lowest
         return pl.DataFrame({"value": value.cast(self.dtype), "count": pl.Series(self.dense[seen], dtype=pl.Int64)})
 
     def _merge(self) -> None:

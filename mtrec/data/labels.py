@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import polars as pl
 
-from mtrec.errors import UserError
+from mtrec.core.errors import UserError
 
 
 def check_label_dtypes(schema: pl.Schema, labels: list[str]) -> None:

@@ -20,14 +20,14 @@ from pathlib import Path
 
 import polars as pl
 
+from mtrec.core.errors import UserError
 from mtrec.data.encode import OOV, PAD, encode, vocab_path
 from mtrec.data.fit import fit
 from mtrec.data.labels import check_labels
 from mtrec.data.schema import FORMAT, Feature, Schema
 from mtrec.data.sources import column_list, resolve_inputs, scan_files
-from mtrec.data.splits import ROW_COL, SPLIT_COL, SPLITS, column_split, random_split, split_sizes, time_split
 from mtrec.data.spec import DEFAULT_MAX_LEN, DEFAULT_POOLING, ColumnSpec, load_spec
-from mtrec.errors import UserError
+from mtrec.data.splits import ROW_COL, SPLIT_COL, SPLITS, column_split, random_split, split_sizes, time_split
 
 SPLIT_METHODS = ("time", "random")
 DEFAULT_RATIOS = (0.8, 0.1, 0.1)

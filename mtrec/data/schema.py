@@ -6,12 +6,11 @@ The file format is documented in ``docs/data-format.md``; this module is its onl
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from mtrec.errors import UserError
+from mtrec.core.errors import UserError
+from mtrec.core.files import atomic_write_text
 
 FORMAT = "mtrec-encoded"
 VERSION = 1
@@ -78,7 +77,7 @@ class Feature:
         return {k: values[k] for k in keys}
 
     @classmethod
-    def from_dict(cls, data: dict) -> "Feature":
+    def from_dict(cls, data: dict) -> Feature:
         if not isinstance(data, dict) or "name" not in data or data.get("kind") not in KINDS:
             raise UserError(f"schema.json has a malformed feature entry {data!r}: re-run mtrec preprocess")
         known = {f for f in cls.__dataclass_fields__}
@@ -126,7 +125,7 @@ class Schema:
                 "item": self.item, "time": self.time, "split": dict(self.split), "rows": dict(self.rows)}
 
     @classmethod
-    def from_dict(cls, data: dict, where: str = "schema.json") -> "Schema":
+    def from_dict(cls, data: dict, where: str = "schema.json") -> Schema:
         if not isinstance(data, dict) or data.get("format") != FORMAT:
             raise UserError(f"{where} was not made by mtrec preprocess: run mtrec preprocess first")
         version = data.get("version")
@@ -143,7 +142,7 @@ class Schema:
                    split=dict(data.get("split") or {}), rows=dict(data.get("rows") or {}), version=version)
 
     @classmethod
-    def load(cls, path: str | Path) -> "Schema":
+    def load(cls, path: str | Path) -> Schema:
         """Read ``<dir>/schema.json`` (or the file itself when given a path ending in .json)."""
         path = Path(path)
         file = path if path.suffix == ".json" else path / "schema.json"
@@ -161,13 +160,5 @@ class Schema:
         """Write ``<dir>/schema.json`` atomically (temp file + rename)."""
         path = Path(path)
         file = path if path.suffix == ".json" else path / "schema.json"
-        fd, tmp = tempfile.mkstemp(prefix=".schema-", suffix=".json", dir=file.parent)
-        try:
-            with os.fdopen(fd, "w") as handle:
-                json.dump(self.to_dict(), handle, indent=2)
-                handle.write("\n")
-            os.replace(tmp, file)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write_text(file, json.dumps(self.to_dict(), indent=2) + "\n")
         return file

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import polars as pl
 
-from mtrec.errors import UserError
+from mtrec.core.errors import UserError
 
 _MAGIC = b"PAR1"
 

@@ -35,7 +35,7 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
-from mtrec.errors import UserError
+from mtrec.core.errors import UserError
 
 SPEC_KINDS = ("categorical", "numeric", "sequence", "drop")
 POOLINGS = ("mean", "sum", "attention")

@@ -18,8 +18,8 @@ from __future__ import annotations
 import numpy as np
 import polars as pl
 
+from mtrec.core.errors import UserError
 from mtrec.data.hashing import splitmix64
-from mtrec.errors import UserError
 
 SPLITS = ("train", "valid", "test")
 SPLIT_COL = "__mtrec_split"

@@ -29,8 +29,8 @@ import pyarrow.parquet as pq
 import torch
 from torch import Tensor
 
+from mtrec.core.errors import UserError
 from mtrec.data.tensors import Split, epoch_generator
-from mtrec.errors import UserError
 
 DEFAULT_BUFFER_ROWS = 1 << 20
 
@@ -65,7 +65,8 @@ class ParquetSplit:
         names = set(self.file.schema_arrow.names)
         missing = [c for c in categorical + numeric + tasks if c not in names]
         if missing:
-            raise UserError(f"{self.path} lacks column(s) {', '.join(missing)} the schema names: re-run mtrec preprocess")
+            raise UserError(f"{self.path} lacks column(s) {', '.join(missing)} the schema names: "
+                            "re-run mtrec preprocess")
         self.categorical, self.numeric, self.tasks = categorical, numeric, tasks
         self.has_users = "_user" in names
         meta = self.file.metadata
@@ -191,7 +192,8 @@ def stream_batches(split: ParquetSplit, batch_size: int, seed: int, epoch: int, 
 
     def load(k: int) -> Split:
         rows = int(split.group_rows[buffers[k].groups].sum())
-        part = split.read(buffers[k].groups, torch.randperm(rows, generator=epoch_generator(seed, epoch, buffer=k)).numpy())
+        order = torch.randperm(rows, generator=epoch_generator(seed, epoch, buffer=k)).numpy()
+        part = split.read(buffers[k].groups, order)
         if pin:
             part = Split(part.codes.pin_memory(), part.numeric.pin_memory(), part.labels.pin_memory(), None)
         return part

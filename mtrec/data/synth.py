@@ -104,7 +104,7 @@ class _World:
     click_bias: float = 0.0
     like_bias: float = 0.0
     share_bias: float = 0.0
-    history: "_History | None" = None
+    history: _History | None = None
 
 
 @dataclass

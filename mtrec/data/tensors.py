@@ -18,7 +18,7 @@ import polars as pl
 import torch
 from torch import Tensor
 
-from mtrec.errors import UserError
+from mtrec.core.errors import UserError
 
 
 @dataclass
@@ -36,7 +36,7 @@ class Split:
         tensors = [self.codes, self.numeric, self.labels] + ([self.users] if self.users is not None else [])
         return sum(t.numel() * t.element_size() for t in tensors)
 
-    def to(self, device) -> "Split":
+    def to(self, device) -> Split:
         move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
         return Split(move(self.codes), move(self.numeric), move(self.labels), move(self.users))
 

@@ -1,9 +1,11 @@
 """Models: ``build(name, ...)`` returns a network with ``model(codes, numeric) -> logits [B, T]``
-(``codes``: the categorical fields, then each sequence's element columns)."""
+(``codes``: the categorical fields, then each sequence's element columns).
+
+Beside data and balancers, above the core: imports ``mtrec.core`` only."""
 
 from __future__ import annotations
 
-from mtrec.errors import UserError
+from mtrec.core.errors import UserError
 from mtrec.models.multitask import ARCHITECTURES, ModelConfig, MultiTaskModel, SingleTask
 from mtrec.models.sequence import POOLINGS, SequenceField
 

@@ -233,7 +233,7 @@ class PLE(MultiTaskModel):
 class ESMM(MultiTaskModel):
     """Entire Space Multi-task Model (Ma et al., SIGIR 2018): one MLP tower per task over shared
     embeddings. The CTCVR product pCTR x pCVR that trains the CVR tower on every impression lives
-    in ``mtrec.objective`` (the model outputs each tower's own logit). Towers: the expert sizes,
+    in ``mtrec.engine.objective`` (the model outputs each tower's own logit). Towers: the expert sizes,
     then the tower sizes, as one stacked MLP."""
 
     def __init__(self, vocab_sizes, num_numeric, positive_rates, cfg, sequences=()):

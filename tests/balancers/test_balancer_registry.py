@@ -3,7 +3,7 @@
 import pytest
 
 from mtrec.balancers import build, hparams, names
-from mtrec.errors import UserError
+from mtrec.core.errors import UserError
 
 
 def test_unknown_name_lists_the_choices():
@@ -96,7 +96,7 @@ def test_balancers_command_shows_each_default_scope_and_groups():
 
 
 def test_imtl_variants_and_balance_groups_are_checked():
-    from mtrec.config import TrainConfig
+    from mtrec.core.config import TrainConfig
 
     assert build("imtl", num_tasks=2).variant == "hybrid"
     with pytest.raises(UserError, match="variant must be one of hybrid, gradient, loss"):
@@ -132,7 +132,7 @@ def test_a_run_saved_before_the_faithful_defaults_resumes_as_it_was_trained(tmp_
     resumed run keeps both, so the checkpointed state still fits."""
     import json
 
-    from mtrec.cli import _saved_config
+    from mtrec.cli.train import _saved_config
 
     old = {"data": str(tmp_path), "out": str(tmp_path), "balancer": "imtl", "scope": "shared", "balancer_opts": {}}
     (tmp_path / "config.json").write_text(json.dumps(old))

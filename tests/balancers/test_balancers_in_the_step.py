@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from mtrec.balancers import build, names
+from mtrec.engine.step import Stepper, task_losses
 from mtrec.models import ModelConfig
 from mtrec.models import build as build_model
-from mtrec.step import Stepper, task_losses
 
 VOCAB = [20, 30, 5]
 LR = 0.05
@@ -44,7 +44,6 @@ def expected_shared_grads(name, scope, model, balancer, codes, numeric, labels):
     """What the balancer's decision means for the shared parameters (and, in scope all, the table),
     computed beside the step: for a gradient balancer from the output of its ``combine`` (recorded),
     for a loss weighting from a copy of the model and balancer taken before the step."""
-    shared = model.shared_parameters()
     if balancer.kind == "loss":
         twin, twin_balancer = copy.deepcopy(model), copy.deepcopy(balancer)
         loss = twin_balancer.weigh(task_losses(twin(codes, numeric), labels))

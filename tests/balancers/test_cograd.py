@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from mtrec.balancers import build
-from mtrec.errors import UserError
+from mtrec.core.errors import UserError
 
 
 def grads(seed=0, T=3):

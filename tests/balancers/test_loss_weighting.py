@@ -46,7 +46,7 @@ def test_dwa_weights_after_two_windows():
     b = build("dwa", num_tasks=3, temperature=2.0, window=2)
     history = [[1.0, 2.0, 3.0], [1.0, 2.0, 1.0],  # window 1 means (1, 2, 2)
                [0.5, 2.0, 3.0], [0.5, 2.4, 3.0]]  # window 2 means (0.5, 2.2, 3)
-    for step, losses in enumerate(history):
+    for losses in history:
         torch.testing.assert_close(b.weights(), torch.ones(3))  # until two windows are complete
         b.weigh(torch.tensor(losses))
     ratio = torch.tensor([0.5 / 1.0, 2.2 / 2.0, 3.0 / 2.0])
@@ -111,7 +111,7 @@ def test_db_mtl_ema_of_log_loss_gradients_and_max_norm_scaling():
 
 
 def test_db_mtl_refuses_changing_shapes():
-    from mtrec.errors import UserError
+    from mtrec.core.errors import UserError
 
     b = build("db-mtl", num_tasks=2)
     b.combine([torch.ones(2, 3)], torch.ones(2))

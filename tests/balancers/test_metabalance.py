@@ -111,7 +111,7 @@ def test_state_is_sized_lazily_and_checked():
     assert b.norm_ema.shape == (0, 2)
     b.combine([torch.ones(2, 3), torch.ones(2, 4)])
     assert b.norm_ema.shape == (2, 2)
-    from mtrec.errors import UserError
+    from mtrec.core.errors import UserError
 
     with pytest.raises(UserError, match="balanced tensors changed"):
         b.combine([torch.ones(2, 3)])

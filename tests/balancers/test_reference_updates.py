@@ -19,9 +19,9 @@ import torch.nn.functional as F
 from scipy import optimize
 
 from mtrec.balancers import build
+from mtrec.engine.step import Stepper
 from mtrec.models import ModelConfig
 from mtrec.models import build as build_model
-from mtrec.step import Stepper
 
 VOCAB = [6, 9, 4]
 T = 3

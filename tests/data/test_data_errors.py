@@ -6,10 +6,10 @@ import numpy as np
 import polars as pl
 import pytest
 
+from mtrec.core.errors import UserError
 from mtrec.data.encode import encode, read_raw
 from mtrec.data.preprocess import preprocess
 from mtrec.data.schema import Schema
-from mtrec.errors import UserError
 
 LABELS = ["click", "like", "share"]
 

@@ -7,9 +7,9 @@ from pathlib import Path
 import polars as pl
 import pytest
 
+from mtrec.core.errors import UserError
 from mtrec.data.preprocess import preprocess
 from mtrec.data.schema import Schema
-from mtrec.errors import UserError
 
 DATA = Path(__file__).resolve().parents[2] / ".." / "shared" / "data"
 

@@ -9,9 +9,9 @@ import sys
 import polars as pl
 import pytest
 
+from mtrec.core.errors import UserError
 from mtrec.data.hashing import stable_hash
 from mtrec.data.schema import Feature, Schema
-from mtrec.errors import UserError
 
 
 def small_schema() -> Schema:

@@ -10,12 +10,12 @@ import numpy as np
 import polars as pl
 import pytest
 
+from mtrec.core.errors import UserError
 from mtrec.data.encode import encode
 from mtrec.data.hashing import stable_hash
 from mtrec.data.preprocess import preprocess
 from mtrec.data.schema import Feature, Schema
 from mtrec.data.spec import parse_spec
-from mtrec.errors import UserError
 
 ROWS = 200  # time split 8:1:1 -> ranks 0..159 train, 160..179 valid, 180..199 test
 TRAIN = 160

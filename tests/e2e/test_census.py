@@ -13,12 +13,12 @@ import pytest
 import torch
 
 from mtrec import balancers
-from mtrec.config import TrainConfig
-from mtrec import checkpoint
+from mtrec.core.config import TrainConfig
 from mtrec.data.schema import Schema
-from mtrec.evaluate import evaluate_run
-from mtrec.build import build_for
-from mtrec.train import train
+from mtrec.engine import checkpoint
+from mtrec.engine.build import build_for
+from mtrec.engine.loop import train
+from mtrec.serving.evaluate import evaluate_run
 
 CENSUS = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "census_income_kdd" / \
     "census_income_kdd_test.parquet"

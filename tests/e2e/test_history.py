@@ -65,8 +65,8 @@ def test_unseen_ids_and_history_elements_score_as_oov(runs, tmp_path):
     from mtrec.data.encode import OOV, encode
     from mtrec.data.schema import Schema
     from mtrec.data.tensors import frame_to_split
-    from mtrec.evaluate import load_run
-    from mtrec.build import feature_names
+    from mtrec.engine.build import feature_names
+    from mtrec.serving.evaluate import load_run
 
     raw = pl.read_parquet(runs / "log.parquet").head(300).drop("click", "like", "share")
     known = int(raw["item_id"][0])

@@ -6,8 +6,9 @@ import pickle
 import pytest
 import torch
 
-from mtrec import checkpoint
-from mtrec.errors import UserError
+from mtrec.core.errors import UserError
+from mtrec.core.files import atomic_write
+from mtrec.engine import checkpoint
 
 
 def test_round_trip_keeps_tensors_and_metadata(tmp_path):
@@ -56,7 +57,7 @@ def test_failed_write_leaves_previous_checkpoint_and_no_temp_file(tmp_path):
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        checkpoint.atomic_write(tmp_path / "c.pt", boom)
+        atomic_write(tmp_path / "c.pt", boom)
     state, meta = checkpoint.load(tmp_path / "c.pt")
     assert meta == {"v": 1} and torch.equal(state["w"], torch.ones(3))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.pt"]

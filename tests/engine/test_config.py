@@ -7,9 +7,9 @@ import json
 
 import typer
 
-from mtrec.build import model_config
 from mtrec.cli import app
-from mtrec.config import TrainConfig
+from mtrec.core.config import TrainConfig
+from mtrec.engine.build import model_config
 from mtrec.models import ModelConfig
 
 
@@ -38,7 +38,7 @@ def test_every_train_option_is_a_config_field_or_a_command_switch():
 def test_config_json_is_the_checkpoints_config_with_resolved_settings(encoded_synthetic, tmp_path):
     from typer.testing import CliRunner
 
-    from mtrec import checkpoint
+    from mtrec.engine import checkpoint
 
     data = encoded_synthetic("config", rows=3_000, seed=1) / "data"
     run = tmp_path / "run"

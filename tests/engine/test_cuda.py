@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from mtrec import balancers
+from mtrec.engine.step import PerTaskGrads, Stepper, task_losses
 from mtrec.models import ModelConfig, build
-from mtrec.step import PerTaskGrads, Stepper, task_losses
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 VOCAB = [50, 30, 8]

@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from mtrec import checkpoint
+from mtrec.engine import checkpoint
 
 # Loopback only: gloo would otherwise pick an interface from the hostname, which a sandbox may lack.
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo", "MASTER_ADDR": "127.0.0.1"}
@@ -36,7 +36,8 @@ def test_two_processes_match_one_process(data_dir, tmp_path, balancer, placement
     subprocess.run([sys.executable, "-m", "mtrec", "train", *base, "--out", str(one)], env=ENV, check=True,
                    capture_output=True)
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                           "--master_addr", "127.0.0.1", "--master_port", str(unused_port), "-m", "mtrec", "train", *base, "--out", str(two)],
+                           "--master_addr", "127.0.0.1", "--master_port", str(unused_port),
+                           "-m", "mtrec", "train", *base, "--out", str(two)],
                           env=ENV, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     a, _ = checkpoint.load(one / "last.pt")

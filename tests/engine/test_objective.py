@@ -6,11 +6,11 @@ import pytest
 import torch
 from sklearn.metrics import log_loss, roc_auc_score
 
+from mtrec.core.errors import UserError
 from mtrec.data.tensors import Split
-from mtrec.errors import UserError
-from mtrec.scoring import split_metrics
+from mtrec.engine.objective import Objective, ctcvr_logit, parse_conditions
+from mtrec.metrics.split import split_metrics
 from mtrec.models import ModelConfig, build
-from mtrec.objective import Objective, ctcvr_logit, parse_conditions
 
 TASKS = ["purchase", "click", "like"]
 
@@ -163,7 +163,7 @@ def test_conditional_and_ctcvr_metrics_equal_sklearn_on_their_rows():
 
 @pytest.mark.parametrize("scope", ["shared", "all", "representation"])
 def test_esmm_step_with_a_summing_balancer_reproduces_the_plain_backward(scope):
-    from mtrec.step import Stepper
+    from mtrec.engine.step import Stepper
     from tests.engine.test_step import Recorder
 
     torch.manual_seed(0)

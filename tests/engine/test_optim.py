@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from mtrec import balancers
-from mtrec.config import TrainConfig
-from mtrec.errors import UserError
+from mtrec.core.config import TrainConfig
+from mtrec.core.errors import UserError
+from mtrec.engine.optim import CombinedOptimizer, LazyAdam, RowwiseAdagrad, build_optimizer, row_grad
+from mtrec.engine.step import Stepper, task_losses
 from mtrec.models import ModelConfig, build
-from mtrec.optim import CombinedOptimizer, LazyAdam, RowwiseAdagrad, build_optimizer, row_grad
-from mtrec.step import Stepper, task_losses
 
 ROWS, DIM, LR, EPS = 8, 3, 0.05, 1e-8
 # Row ids looked up at each step (duplicates sum). Row 7 is never touched; row 2 only at steps 1
@@ -267,8 +267,8 @@ def test_a_sparse_step_allocates_nothing_the_size_of_the_table(optimizer, balanc
 def test_fixed_shape_touched_rows_update_exactly_like_the_unique_rows(monkeypatch):
     """The CUDA path (no host sync: sorted runs, padded with copies of the last run) leaves the
     table and the optimizer state where the unique-rows path does, up to the order of float sums."""
-    import mtrec.optim
-    from mtrec.optim import LazyAdam, RowwiseAdagrad, _touched_fixed_shape, touched
+    import mtrec.engine.optim
+    from mtrec.engine.optim import LazyAdam, RowwiseAdagrad, _touched_fixed_shape, touched
 
     g = torch.Generator().manual_seed(0)
     index = torch.randint(0, 40, (300,), generator=g)
@@ -282,7 +282,7 @@ def test_fixed_shape_touched_rows_update_exactly_like_the_unique_rows(monkeypatc
     for make in (LazyAdam, RowwiseAdagrad):
         results = []
         for path in (touched, fixed):
-            monkeypatch.setattr(mtrec.optim, "touched", path)
+            monkeypatch.setattr(mtrec.engine.optim, "touched", path)
             table = torch.nn.Parameter(torch.randn(50, 4, generator=torch.Generator().manual_seed(1)))
             opt = make([table], lr=0.1)
             for step in range(3):
@@ -300,8 +300,8 @@ def _sum_sparse_on_rank(rank, world, init, out):
     for the second table), plus a dense parameter."""
     import torch.distributed as dist
 
-    from mtrec.distributed import Group
-    from mtrec.optim import empty_row_grad
+    from mtrec.engine.distributed import Group
+    from mtrec.engine.optim import empty_row_grad
 
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
     table, other, dense = (torch.nn.Parameter(torch.zeros(ROWS, DIM)) for _ in range(3))
@@ -337,7 +337,7 @@ def test_ranks_sum_sparse_row_gradients_over_the_union_of_their_rows(tmp_path):
 def test_a_run_saved_before_the_flag_resumes_with_the_dense_optimizer_it_trained_with(tmp_path):
     import json
 
-    from mtrec.cli import _saved_config
+    from mtrec.cli.train import _saved_config
 
     (tmp_path / "config.json").write_text(json.dumps({**TrainConfig(data=str(tmp_path), out=str(tmp_path)).to_dict(),
                                                       "embedding_optimizer": "rowwise-adagrad"}))

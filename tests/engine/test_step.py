@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from mtrec.balancers.base import GradBalancer
+from mtrec.engine.step import PerTaskGrads, Stepper, task_losses
 from mtrec.models import ModelConfig, build
-from mtrec.step import PerTaskGrads, Stepper, task_losses
 
 VOCAB = [20, 30, 5]
 

@@ -11,12 +11,12 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from mtrec import checkpoint
 from mtrec.cli import app
-from mtrec.config import TrainConfig
-from mtrec.errors import UserError
-from mtrec.schedule import improves, lr_factor
-from mtrec.train import Trainer
+from mtrec.core.config import TrainConfig
+from mtrec.core.errors import UserError
+from mtrec.engine import checkpoint
+from mtrec.engine.loop import Trainer
+from mtrec.engine.schedule import improves, lr_factor
 
 SMALL = dict(target="like", batch_size=256, embedding_dim=4, expert_sizes=[16, 8], tower_sizes=[8], seed=2,
              diagnostics_every=0)
@@ -163,9 +163,9 @@ def test_scoring_is_fp32_whatever_the_training_precision(data_dir, tmp_path):
     """One checkpoint trained under bf16 autocast, scored with its bf16 config and with fp32: the
     same metrics (bf16 logits would tie by the thousand and move GAUC / NDCG)."""
     from mtrec.data.tensors import load_split
-    from mtrec.evaluate import evaluate_run, load_run
-    from mtrec.scoring import predict
-    from mtrec.build import feature_names
+    from mtrec.engine.build import feature_names
+    from mtrec.metrics.split import predict
+    from mtrec.serving.evaluate import evaluate_run, load_run
 
     run = tmp_path / "run"
     Trainer(TrainConfig(data=str(data_dir), out=str(run), epochs=1, precision="bf16", **SMALL), quiet=True).run()

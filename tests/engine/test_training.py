@@ -14,7 +14,7 @@ import polars as pl
 import pytest
 import torch
 
-from mtrec import checkpoint
+from mtrec.engine import checkpoint
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200"}
 SMALL = ["--model", "mmoe", "--target", "like", "--batch-size", "64", "--embedding-dim", "4", "--experts", "2",
@@ -170,11 +170,11 @@ def _rss_mib() -> float:
 
 @pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="needs /proc to read RSS")
 def test_memory_stays_flat_over_2000_metabalance_steps(data_dir):
-    from mtrec.config import TrainConfig
+    from mtrec.core.config import TrainConfig
     from mtrec.data.schema import Schema
     from mtrec.data.tensors import batches, epoch_permutation, load_split
-    from mtrec.step import Stepper
-    from mtrec.build import build_for, feature_names
+    from mtrec.engine.build import build_for, feature_names
+    from mtrec.engine.step import Stepper
 
     torch.set_num_threads(1)
     schema = Schema.load(data_dir)
@@ -203,8 +203,8 @@ def test_memory_stays_flat_over_2000_metabalance_steps(data_dir):
 def test_host_resident_split_trains_exactly_like_a_device_resident_one(data_dir, tmp_path):
     """The streaming path (batches gathered in a thread, one ahead) yields the same batches in the
     same order: same parameters and metrics, bit for bit."""
-    from mtrec.config import TrainConfig
-    from mtrec.train import Trainer
+    from mtrec.core.config import TrainConfig
+    from mtrec.engine.loop import Trainer
 
     results = {}
     for placement in ("device", "host", "stream"):
@@ -222,8 +222,8 @@ def test_host_resident_split_trains_exactly_like_a_device_resident_one(data_dir,
 
 
 def test_auto_placement_streams_a_split_over_the_memory_budget(data_dir, tmp_path):
-    from mtrec.config import TrainConfig
-    from mtrec.train import Trainer
+    from mtrec.core.config import TrainConfig
+    from mtrec.engine.loop import Trainer
 
     base = dict(data=str(data_dir), target="like", embedding_dim=4, expert_sizes=[8], tower_sizes=[4], epochs=1)
     assert Trainer(TrainConfig(out=str(tmp_path / "a"), **base), quiet=True).placement == "device"

@@ -100,7 +100,7 @@ def test_representation_round_trip_equals_forward():
 
 
 def test_unknown_model_is_a_user_error():
-    from mtrec.errors import UserError
+    from mtrec.core.errors import UserError
 
     with pytest.raises(UserError, match="mmoe"):
         build("transformer", VOCAB, 2, RATES)

@@ -4,8 +4,8 @@ DIN attention against a hand-written unit, and the step's gradient plumbing with
 import pytest
 import torch
 
+from mtrec.engine.step import Stepper
 from mtrec.models import ModelConfig, SequenceField, build
-from mtrec.step import Stepper
 from tests.engine.test_step import Recorder
 
 VOCAB = [20, 30, 5]  # field 1 plays the item id
@@ -110,7 +110,7 @@ def test_attention_depends_on_the_target_item():
 
 
 def reference_grads(model, codes, numeric, labels):
-    from mtrec.step import task_losses
+    from mtrec.engine.step import task_losses
 
     model.zero_grad()
     task_losses(model(codes, numeric), labels).sum().backward()

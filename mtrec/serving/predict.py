@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from mtrec.errors import UserError
+from mtrec.core.errors import UserError
 
 CHUNK_ROWS = 1 << 18
 _KEEP = "__mtrec_keep_"
@@ -59,10 +59,10 @@ def predict_log(run_dir: str | Path, raw: list[str], out: str | Path, *, keep: l
     from mtrec.data.schema import Schema
     from mtrec.data.sources import column_list, scan_inputs
     from mtrec.data.tensors import frame_to_split
-    from mtrec.build import feature_names, objective_for, resolve_device
-    from mtrec.evaluate import check_same_schema, load_run
-    from mtrec.scoring import predict
-    from mtrec.objective import CTCVR
+    from mtrec.engine.build import feature_names, objective_for, resolve_device
+    from mtrec.engine.objective import CTCVR
+    from mtrec.metrics.split import predict
+    from mtrec.serving.evaluate import check_same_schema, load_run
 
     out = Path(out)
     _check_out(out, force)

@@ -1,4 +1,4 @@
-"""``mtrec evaluate``: rebuild a saved run and score a split (or raw logs) with ``mtrec.scoring``."""
+"""``mtrec evaluate``: rebuild a saved run and score a split (or raw logs) with ``mtrec.metrics.split``."""
 
 from __future__ import annotations
 
@@ -7,18 +7,18 @@ from pathlib import Path
 
 import polars as pl
 
-from mtrec import checkpoint
-from mtrec.build import build_for, feature_names, objective_for, resolve_device
+from mtrec.core.console import err_console
+from mtrec.core.errors import UserError
 from mtrec.data.stream import ParquetSplit
 from mtrec.data.tensors import Split, fits_on_device, frame_to_split
-from mtrec.errors import UserError
-from mtrec.report import err_console
-from mtrec.scoring import split_metrics
+from mtrec.engine import checkpoint
+from mtrec.engine.build import build_for, feature_names, objective_for, resolve_device
+from mtrec.metrics.split import split_metrics
 
 
 def load_run(run_dir: str | Path, which: str = "best", device: str = "cpu"):
     """Rebuild the model of a run from its config and checkpoint. Returns (model, cfg, tasks, schema)."""
-    from mtrec.config import TrainConfig, read_run_config
+    from mtrec.core.config import TrainConfig, read_run_config
     from mtrec.data.schema import Schema
 
     run_dir = Path(run_dir)
@@ -36,7 +36,8 @@ def load_run(run_dir: str | Path, which: str = "best", device: str = "cpu"):
     try:
         model.load_state_dict(state["model"])
     except (RuntimeError, KeyError) as err:
-        raise UserError(f"checkpoint {path} does not match the run's config ({err}); it may be from another run") from err
+        raise UserError(f"checkpoint {path} does not match the run's config ({err}); "
+                        "it may be from another run") from err
     return model.to(device), cfg, tasks, schema
 
 

@@ -12,14 +12,10 @@ from pathlib import Path
 
 import numpy as np
 
-from mtrec.checkpoint import atomic_write
-from mtrec.compare import METRIC_NAMES, mean_std, t_quantile
-from mtrec.errors import UserError
-
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+from mtrec.core.errors import UserError
+from mtrec.core.files import atomic_write, read_jsonl
+from mtrec.engine.diagnostics import cosine_series, norm_ratio_series, weight_series
+from mtrec.research.compare import METRIC_NAMES, mean_std, t_quantile
 
 
 def _number(value) -> float:
@@ -42,33 +38,6 @@ def train_loss_series(history: list[dict]) -> dict[str, tuple[list[int], list[fl
         return None
     epochs = [r["epoch"] for r in history]
     return {t: (epochs, [_number(r["train_loss"].get(t)) for r in history]) for t in history[0]["train_loss"]}
-
-
-def norm_ratio_series(records: list[dict]) -> tuple[np.ndarray, np.ndarray]:
-    """steps [S] and ratios [K, T-1, S]: per shared tensor k, ‖g_t‖ / ‖g_0‖ of each auxiliary task t
-    (task 0 is the target) at each logged step; NaN where the target's norm is 0."""
-    steps = np.array([r["step"] for r in records])
-    norms = np.array([r["norms"] for r in records], dtype=np.float64)  # [S, K, T]
-    target = np.broadcast_to(norms[:, :, :1], norms[:, :, 1:].shape)
-    ratios = np.divide(norms[:, :, 1:], target, out=np.full(target.shape, np.nan), where=target > 0)
-    return steps, ratios.transpose(1, 2, 0)
-
-
-def weight_series(records: list[dict]) -> tuple[np.ndarray, np.ndarray] | None:
-    """steps [S] and the balancer's task weights [T, S] from the diagnostics records that carry
-    them (``weights``); None when none does (MetaBalance, GradCraft ... have no task weights)."""
-    records = [r for r in records if r.get("weights") is not None]
-    if not records:
-        return None
-    return np.array([r["step"] for r in records]), np.array([r["weights"] for r in records], dtype=np.float64).T
-
-
-def cosine_series(records: list[dict]) -> tuple[np.ndarray, list[tuple[int, int]], np.ndarray]:
-    """steps [S], the task pairs (i < j) and cosines [K, P, S] of the pairs' gradients per shared tensor."""
-    steps = np.array([r["step"] for r in records])
-    cosines = np.array([r["cosines"] for r in records], dtype=np.float64)  # [S, K, T, T]
-    rows, cols = np.triu_indices(cosines.shape[-1], 1)
-    return steps, list(zip(rows.tolist(), cols.tolist())), cosines[:, :, rows, cols].transpose(1, 2, 0)
 
 
 # --- series of a compare directory ---------------------------------------------------------------
@@ -192,7 +161,8 @@ def _figure_cosines(steps, pairs, cosines, tasks, scope, out: Path) -> list[Path
     return _save(fig, out, "grad_cosine")
 
 
-def _figure_intervals(series: dict, metric: str, title: str, out: Path, name: str, zero_line: bool = False) -> list[Path]:
+def _figure_intervals(series: dict, metric: str, title: str, out: Path, name: str,
+                      zero_line: bool = False) -> list[Path]:
     fig, axes = _new_figure(len(series))
     for ax, (task, by_model) in zip(axes, series.items()):
         models = list(by_model)
@@ -280,7 +250,7 @@ def _plot_run(run: Path, out: Path) -> tuple[list[Path], list[str]]:
 
 
 def _plot_compare(directory: Path, out: Path, metric: str) -> list[Path]:
-    from mtrec.compare import summarize
+    from mtrec.research.compare import summarize
 
     summary = summarize(directory)
     if not any(group["seeds"] for group in summary["groups"]):

@@ -6,8 +6,8 @@ import math
 
 import torch
 
-from mtrec import metrics
 from mtrec.data.tensors import Split, eval_batches
+from mtrec.metrics import functional as metrics
 
 
 @torch.no_grad()
@@ -33,7 +33,7 @@ def predict(model, split: Split, batch_size: int) -> torch.Tensor:
 def split_metrics(model, split: Split, objective, batch_size: int, k: int) -> dict:
     """{column: {auc, gauc, logloss, ndcg, positive_rate, n, condition}} in task order (conditional
     tasks over the rows where their condition holds; ESMM adds ``ctcvr``), plus the mean over the
-    tasks. ``objective``: a ``mtrec.objective.Objective`` (which tasks, which conditions)."""
+    tasks. ``objective``: a ``mtrec.engine.objective.Objective`` (which tasks, which conditions)."""
     logits = predict(model, split, batch_size)
     users = None if split.users is None else split.users.to(logits.device)
     per_task = {}
@@ -47,7 +47,8 @@ def split_metrics(model, split: Split, objective, batch_size: int, k: int) -> di
                                  "ndcg": row[f"ndcg@{k}"], "positive_rate": row["positive_rate"], "n": row["n"],
                                  "condition": column.condition}
     tasks = [per_task[t] for t in objective.tasks if t in per_task]
-    per_task["mean"] = {key: _mean([r[key] for r in tasks]) for key in ("auc", "gauc", "logloss", "ndcg", "positive_rate")}
+    keys = ("auc", "gauc", "logloss", "ndcg", "positive_rate")
+    per_task["mean"] = {key: _mean([r[key] for r in tasks]) for key in keys}
     per_task["mean"]["n"] = len(split)
     return per_task
 

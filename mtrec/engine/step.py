@@ -37,9 +37,9 @@ from torch import Tensor
 
 from mtrec.balancers.base import Balancer, LossBalancer, tensor_grams
 from mtrec.balancers.parts import Parts
-from mtrec.objective import Objective
-from mtrec.optim import embedding_tables, empty_row_grad, row_grad
-from mtrec.report import err_console
+from mtrec.core.console import err_console
+from mtrec.engine.objective import Objective
+from mtrec.engine.optim import embedding_tables, empty_row_grad, row_grad
 
 SCOPES = ("shared", "all", "representation")
 

@@ -23,8 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-from mtrec.checkpoint import atomic_write_text
-from mtrec.errors import UserError
+from mtrec.core.errors import UserError
+from mtrec.core.files import atomic_write_text
 
 METRICS = ("auc", "gauc", "logloss")
 LOWER_IS_BETTER = {"auc": False, "gauc": False, "logloss": True}
@@ -107,7 +107,8 @@ def merge_grid(out: Path, requested: Grid) -> Grid:
     if not (Path(out) / SETTINGS_FILE).exists():
         return requested
     saved = load_grid(out)
-    for what, old, new in (("data", saved.data, requested.data), ("train flags", saved.train_args, requested.train_args)):
+    pairs = (("data", saved.data, requested.data), ("train flags", saved.train_args, requested.train_args))
+    for what, old, new in pairs:
         if old != new:
             raise UserError(f"{out} holds cells trained with other {what} ({old!r}, now {new!r}): "
                             "use another --out, or repeat the earlier flags")
@@ -155,7 +156,7 @@ def cell_state(cell_dir: Path) -> str:
     """``evaluated`` (eval.json), ``trained`` (last.pt says finished), ``interrupted`` (last.pt, not
     finished), ``partial`` (a directory without last.pt: killed before its first checkpoint) or
     ``new``."""
-    from mtrec import checkpoint
+    from mtrec.engine import checkpoint
 
     if (cell_dir / "eval.json").exists():
         return "evaluated"

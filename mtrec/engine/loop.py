@@ -18,20 +18,29 @@ from pathlib import Path
 
 import torch
 
-from mtrec import checkpoint, distributed
-from mtrec.build import (autocast_dtype, build_for, data_placement, feature_names, make_optimizer, objective_for,
-                         resolve_device, resolve_tasks)
-from mtrec.config import TrainConfig
+from mtrec.core.config import TrainConfig
+from mtrec.core.console import console
+from mtrec.core.errors import TrainingInterrupted, UserError
 from mtrec.data.schema import Schema
 from mtrec.data.stream import ParquetSplit, stream_batches
 from mtrec.data.tensors import batches, epoch_permutation, host_batches, load_split
-from mtrec.errors import TrainingInterrupted, UserError
+from mtrec.engine import checkpoint, distributed
+from mtrec.engine.build import (
+    autocast_dtype,
+    build_for,
+    data_placement,
+    feature_names,
+    make_optimizer,
+    objective_for,
+    resolve_device,
+    resolve_tasks,
+)
+from mtrec.engine.events import EventLog
+from mtrec.engine.progress import TrainProgress
+from mtrec.engine.schedule import improves, lr_factor, set_lr
+from mtrec.engine.step import SCOPES, Stepper
+from mtrec.metrics.split import split_metrics
 from mtrec.models import SingleTask
-from mtrec.report import TrainProgress, console
-from mtrec.scoring import split_metrics
-from mtrec.tensorboard_events import EventLog
-from mtrec.schedule import improves, lr_factor, set_lr
-from mtrec.step import SCOPES, Stepper
 
 
 @dataclass
@@ -338,7 +347,7 @@ def check_task_settings(cfg: TrainConfig, schema: Schema, tasks: list[str]) -> N
                         "choose another --target or split the data differently")
 
 
-def run_device(cfg: TrainConfig) -> tuple[torch.device, "distributed.Group | None"]:
+def run_device(cfg: TrainConfig) -> tuple[torch.device, distributed.Group | None]:
     """The training device and, under torchrun, the process group (one GPU per local rank)."""
     device = resolve_device(cfg.device)
     group = distributed.from_env(device.type)

@@ -12,7 +12,7 @@ class UserError(Exception):
 class TrainingInterrupted(Exception):
     """Ctrl-C during training: a checkpoint was saved after the current step (the CLI exits 130).
 
-    Here, not in ``mtrec.train``, so that the CLI can catch it without importing torch for every
+    Here, not in ``mtrec.engine.loop``, so that the CLI can catch it without importing torch for every
     command (``synth`` and ``preprocess`` stay torch-free)."""
 
     def __init__(self, run_dir):

@@ -1,7 +1,6 @@
 """The researcher's commands: ``mtrec compare`` (a grid of runs and its summary) and ``mtrec plot``.
 
-Registered on ``mtrec.cli.app`` through its ``command`` decorator (one place for exit codes);
-``mtrec/cli.py`` imports this module at its end.
+Registered on the one Typer app through ``mtrec.cli.app.command`` (one place for exit codes).
 """
 
 from __future__ import annotations
@@ -12,9 +11,10 @@ from typing import Annotated, Optional
 
 import typer
 
-from mtrec.cli import _split_list, app, command
-from mtrec.errors import UserError
-from mtrec.report import console, err_console, simple_table
+from mtrec.cli.app import app, command, split_list
+from mtrec.cli.render import simple_table
+from mtrec.core.console import console, err_console
+from mtrec.core.errors import UserError
 
 
 def _say(line: str) -> None:
@@ -31,7 +31,7 @@ def _train_options() -> dict[str, bool]:
 
 def _seeds(text: str) -> list[int]:
     try:
-        return [int(s) for s in _split_list(text)]
+        return [int(s) for s in split_list(text)]
     except ValueError as err:
         raise UserError(f"--seeds expects comma-separated integers like 1,2,3, got {text!r}") from err
 
@@ -52,7 +52,7 @@ def compare(
     """Train and evaluate every model x balancer x seed (any other mtrec train flag applies to every
     cell), then summarize: test metrics over seeds, paired differences to the baseline with 95%
     intervals, Δm%, speed and skipped steps. Re-running skips finished cells and resumes interrupted ones."""
-    from mtrec import compare as grid_runner
+    from mtrec.research import compare as grid_runner
 
     if summarize is not None:
         if ctx.args or data:
@@ -65,13 +65,13 @@ def compare(
             raise UserError("--out is required: the compare directory to create or continue")
         if jobs < 1:
             raise UserError("--jobs must be at least 1")
-        grid = grid_runner.make_grid(data, _split_list(models), _split_list(balancers), _seeds(seeds), baseline,
+        grid = grid_runner.make_grid(data, split_list(models), split_list(balancers), _seeds(seeds), baseline,
                                      list(ctx.args), _train_options())
         grid = grid_runner.merge_grid(out, grid)
         try:
             grid_runner.run_grid(grid, out, jobs=jobs, say=_say)
         except grid_runner.CompareInterrupted:
-            _say(f"interrupted: the running cells saved their checkpoints; run the same command again to continue")
+            _say("interrupted: the running cells saved their checkpoints; run the same command again to continue")
             raise typer.Exit(130) from None
         directory = out
     summary = grid_runner.summarize(directory, baseline)
@@ -92,7 +92,7 @@ next(c for c in app.registered_commands if c.name == "compare").context_settings
 
 def render_summary(summary: dict) -> None:
     """One table per metric (mean ± std over seeds, paired Δ to the baseline), one per model x balancer."""
-    from mtrec.compare import METRIC_NAMES, METRICS, failure_lines, group_rows, metric_rows
+    from mtrec.research.compare import METRIC_NAMES, METRICS, failure_lines, group_rows, metric_rows
 
     for metric in METRICS:
         header, rows = metric_rows(summary, [metric])
@@ -117,12 +117,12 @@ def plot(
 ):
     """Figures of a run (validation metrics, gradient norm ratios and cosines over steps) or of a
     compare directory (metric per balancer with its interval, target-versus-auxiliary trade-off)."""
-    from mtrec import plot as figures
+    from mtrec.research import plot as figures
 
     if out is None and tensorboard is None:
         raise UserError("pass --out FIGDIR for the figures (and/or --tensorboard DIR for TensorBoard events)")
     if tensorboard is not None:
-        from mtrec.tensorboard_events import export
+        from mtrec.research.tensorboard import export
 
         for run, count in export(source, tensorboard):
             console.print(f"wrote {count} scalars of {run} as TensorBoard events")

@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mtrec.errors import UserError
-from mtrec.report import err_console
+from mtrec.core.console import err_console
+from mtrec.core.errors import UserError
 
 SCHEDULES = ("constant", "cosine", "linear")
 SELECT_METRICS = ("auc", "gauc", "logloss")
@@ -62,7 +62,7 @@ class TrainConfig:
     max_bad_steps: int = 20  # consecutive non-finite steps before training stops
     tensorboard: str = ""  # a directory for TensorBoard events of the logged scalars ("": none)
 
-    def validate(self) -> "TrainConfig":
+    def validate(self) -> TrainConfig:
         checks = [
             (self.epochs >= 1, "--epochs must be at least 1"),
             (self.batch_size >= 1, "--batch-size must be at least 1"),
@@ -105,7 +105,7 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
+    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:

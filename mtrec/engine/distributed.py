@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from mtrec.optim import row_grad, unique_rows
+from mtrec.engine.optim import row_grad, unique_rows
 
 
 class Group:

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mtrec.errors import UserError
+from mtrec.core.errors import UserError
 
 CTCVR = "ctcvr"
 

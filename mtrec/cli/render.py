@@ -1,16 +1,12 @@
-"""Everything the user sees: one rich Console, the tables, and the training progress line."""
+"""The tables the commands print: metrics per task, simple listings, the preprocess summary."""
 
 from __future__ import annotations
 
 import math
-import time
 
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-console = Console()
-err_console = Console(stderr=True)
+from mtrec.core.console import console, err_console
 
 METRIC_COLUMNS = ("auc", "gauc", "logloss", "ndcg", "positive_rate")
 
@@ -51,42 +47,6 @@ def simple_table(title: str, columns: list[str], rows: list[list]) -> Table:
     for row in rows:
         table.add_row(*(_fmt(v) for v in row))
     return table
-
-
-class TrainProgress:
-    """A progress bar per epoch with samples/s, running loss per task, skipped and clipped steps."""
-
-    def __init__(self, tasks: list[str], quiet: bool = False):
-        self.tasks = tasks
-        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                 TimeElapsedColumn(), TextColumn("{task.fields[info]}"),
-                                 console=console, disable=quiet or not console.is_terminal, transient=True)
-        self.bar = None
-        self.started = time.perf_counter()
-        self.samples = 0
-
-    def __enter__(self):
-        self.progress.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        self.progress.__exit__(*exc)
-
-    def epoch(self, epoch: int, steps: int, done: int = 0) -> None:
-        self.bar = self.progress.add_task(f"epoch {epoch + 1}", total=steps, completed=done, info="")
-        self.started, self.samples = time.perf_counter(), 0
-
-    def update(self, steps: int, samples: int, mean_losses: list[float], bad_steps: int, clipped_steps: int = 0) -> None:
-        self.samples += samples
-        rate = self.samples / max(time.perf_counter() - self.started, 1e-9)
-        losses = " ".join(f"{t}={v:.4f}" for t, v in zip(self.tasks, mean_losses))
-        info = (f"{rate:,.0f} samples/s  {losses}" + (f"  skipped={bad_steps}" if bad_steps else "")
-                + (f"  clipped={clipped_steps}" if clipped_steps else ""))
-        self.progress.update(self.bar, advance=steps, info=info)
-
-    @property
-    def samples_per_second(self) -> float:
-        return self.samples / max(time.perf_counter() - self.started, 1e-9)
 
 
 def render_preprocess(summary) -> None:

@@ -10,14 +10,15 @@ import dataclasses
 import torch
 
 from mtrec import balancers
-from mtrec.config import TrainConfig
+from mtrec.core.config import TrainConfig
+from mtrec.core.errors import UserError
 from mtrec.data.schema import Schema
 from mtrec.data.stream import ParquetSplit, available_memory
 from mtrec.data.tensors import fits_on_device
-from mtrec.errors import UserError
-from mtrec.models import ModelConfig, SequenceField, build as build_model
-from mtrec.objective import Objective, parse_conditions
-from mtrec.optim import build_optimizer
+from mtrec.engine.objective import Objective, parse_conditions
+from mtrec.engine.optim import build_optimizer
+from mtrec.models import ModelConfig, SequenceField
+from mtrec.models import build as build_model
 
 
 def resolve_device(name: str) -> torch.device:

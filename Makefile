@@ -36,7 +36,10 @@ sequences: install
 	$(BIN)/mtrec evaluate $(SEQ)/esmm
 	$(BIN)/mtrec predict $(SEQ)/esmm --raw $(SEQ)/log.parquet --out $(SEQ)/preds.parquet
 
+# The habits first (seconds): ruff's rules and the layer contract (pyproject.toml), then the suite.
 test: install
+	$(BIN)/ruff check mtrec tests bench
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q
 
 bench: install

@@ -7,7 +7,7 @@ python3 -m pip install -q --no-index --no-deps --no-compile --target .site .whl/
 export PYTHONPATH=$PWD/.site:$PWD
 OUT=${OUT:-out/gpu}; mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total --format=csv > "$OUT/gpu.txt" 2>&1
-python3 -m pytest -q tests/engine/test_cuda.py tests/test_metrics.py 2>&1 | tail -20 > "$OUT/tests.txt"
+python3 -m pytest -q tests/engine/test_cuda.py tests/metrics/test_metrics.py 2>&1 | tail -20 > "$OUT/tests.txt"
 python3 bench/bench_train.py --device cuda --rows 10000000 --batch-sizes 4096,16384 --steps 50 --warmup 10 \
     --json "$OUT/arch.json" > "$OUT/arch.txt" 2>&1
 python3 bench/bench_train.py --device cuda --rows 2000000 --models mmoe --batch-sizes 16384 --balancers all \

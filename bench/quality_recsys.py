@@ -46,7 +46,7 @@ def esmm(work: Path, rows: int, seeds: list[int]) -> dict[str, list[float]]:
     preprocess([str(work / "log.parquet")], ["click", "like", "share"], str(work / "data"), user="user_id",
                item="item_id", time="ts")
     results: dict[str, list[float]] = {"esmm ctcvr": [], "plain share": []}
-    modules = (mtrec.engine.build, mtrec.engine.loop, mtrec.serving.evaluate)  # every place that builds the objective
+    modules = (mtrec.engine.build, mtrec.serving.evaluate)  # every place that builds the objective
     real = mtrec.engine.build.objective_for
     for seed in seeds:
         base = dict(data=str(work / "data"), model="esmm", target="share", tasks=["share", "click"],

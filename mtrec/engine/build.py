@@ -1,24 +1,130 @@
-"""Building a run from its configuration: device and precision, tasks and their objective, the
-model, balancer and optimizer, and where the data lives. One home for what ``train``,
-``evaluate`` and ``predict`` all need (so none of them imports another)."""
+"""Building a run from its configuration: ``build_run(cfg)`` returns one ``Run`` holding the
+device (and torchrun group), the tasks and their objective, the model, balancer, scope and groups,
+the optimizer, the precision and where the data lives, checked once, before the first step. The
+pieces (``build_for``, ``feature_names``, ``objective_for`` ...) are what ``evaluate`` and
+``predict`` need too, so none of them imports another."""
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from mtrec import balancers
+from mtrec.balancers.base import Balancer
 from mtrec.core.config import TrainConfig
 from mtrec.core.errors import UserError
 from mtrec.data.schema import Schema
 from mtrec.data.stream import ParquetSplit, available_memory
 from mtrec.data.tensors import fits_on_device
+from mtrec.engine import distributed
 from mtrec.engine.objective import Objective, parse_conditions
 from mtrec.engine.optim import build_optimizer
-from mtrec.models import ModelConfig, SequenceField
+from mtrec.engine.step import SCOPES, Stepper
+from mtrec.models import ModelConfig, SequenceField, SingleTask
 from mtrec.models import build as build_model
+
+
+@dataclass
+class Run:
+    """Everything a training run needs, built from its config. ``cfg`` is the resolved config (task
+    order, scope and groups filled in): one source of truth for config.json and every checkpoint."""
+
+    cfg: TrainConfig
+    schema: Schema
+    tasks: list[str]
+    objective: Objective
+    device: torch.device
+    group: distributed.Group | None  # the torchrun process group, None in one process
+    model: torch.nn.Module
+    balancer: Balancer
+    optimizer: object
+    autocast_dtype: torch.dtype | None
+    placement: str  # device, host or stream: where the train and valid splits live
+
+    @property
+    def main(self) -> bool:
+        """Whether this process writes the run directory and prints (rank 0, or the only one)."""
+        return self.group is None or self.group.main
+
+    def stepper(self) -> Stepper:
+        cfg = self.cfg
+        return Stepper(self.model, self.balancer, self.optimizer, cfg.scope, self.device, self.autocast_dtype,
+                       self.objective, clip_grad=cfg.clip_grad, groups=cfg.balance_groups, group=self.group)
+
+
+def build_run(cfg: TrainConfig) -> Run:
+    """Check the config (validated, absolute paths: ``resolved_paths``) against the data, then build
+    the run: device, tasks, model (seeded), balancer and its scope, data placement, optimizer."""
+    schema = Schema.load(cfg.data)
+    tasks = resolve_tasks(schema, cfg.target, cfg.tasks)
+    check_task_settings(cfg, schema, tasks)
+    device, group = run_device(cfg)
+    torch.manual_seed(cfg.seed)
+    model, balancer = build_for(cfg, schema, tasks)
+    scope = balance_scope(cfg, model, balancer, group)
+    groups = cfg.balance_groups or getattr(balancer, "default_groups", None) or "tensor"
+    model.to(device)
+    balancer.to(device)
+    categorical, numeric = feature_names(schema)
+    placement = data_placement(cfg, ParquetSplit(Path(cfg.data) / "train.parquet", categorical, numeric, tasks),
+                               device)
+    return Run(dataclasses.replace(cfg, tasks=tasks, scope=scope, balance_groups=groups), schema, tasks,
+               objective_for(cfg, tasks), device, group, model, balancer,
+               make_optimizer(model, balancer, cfg, device), autocast_dtype(cfg, device), placement)
+
+
+def resolved_paths(cfg: TrainConfig) -> TrainConfig:
+    """The validated config with absolute paths: evaluate, predict and --resume must not depend on
+    the working directory."""
+    if not cfg.out:
+        raise UserError("--out is required: the run directory to create")
+    return dataclasses.replace(cfg.validate(), data=str(Path(cfg.data).resolve()), out=str(Path(cfg.out).resolve()),
+                               tensorboard=str(Path(cfg.tensorboard).resolve()) if cfg.tensorboard else "")
+
+
+def check_task_settings(cfg: TrainConfig, schema: Schema, tasks: list[str]) -> None:
+    if cfg.select == "gauc" and not schema.user:
+        raise UserError("--select gauc needs a user column: preprocess with --user, or select auc or logloss")
+    if schema.positive_rate.get(tasks[0], 1.0) <= 0.0:
+        raise UserError(f"the target task {tasks[0]!r} has no positive in the train split: "
+                        "choose another --target or split the data differently")
+
+
+def run_device(cfg: TrainConfig) -> tuple[torch.device, distributed.Group | None]:
+    """The training device and, under torchrun, the process group (one GPU per local rank)."""
+    device = resolve_device(cfg.device)
+    group = distributed.from_env(device.type)
+    if group and device.type == "cuda":
+        device = torch.device("cuda", distributed.local_rank())
+        torch.cuda.set_device(device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return device, group
+
+
+def balance_scope(cfg: TrainConfig, model, balancer, group) -> str:
+    """The scope the balancer runs in (its default unless given), checked against the model and
+    the number of processes."""
+    if cfg.scope and cfg.scope not in SCOPES:
+        raise UserError(f"--balance-scope must be one of {', '.join(SCOPES)}, not {cfg.scope!r}")
+    if isinstance(model, SingleTask) and balancer.kind == "grad":
+        raise UserError("--model single shares no parameters, so there is nothing to balance: "
+                        "use --balancer ew (or a loss-weighting balancer)")
+    scope = cfg.scope or balancer.default_scope
+    if balancer.kind == "grad" and scope not in balancer.scopes:
+        raise UserError(f"{cfg.balancer} cannot run with --balance-scope {scope}: use {' or '.join(balancer.scopes)}")
+    if group and balancer.kind == "grad" and scope != "shared":
+        # Touched rows and representation gradients are per-rank rows; balancing them across
+        # ranks would need a gather of variable-size tensors (not built yet).
+        default = "" if cfg.scope else f", {cfg.balancer}'s default"
+        raise UserError(f"with several processes, gradient balancers run in --balance-scope shared only "
+                        f"(not {scope}{default}): pass --balance-scope shared")
+    return scope
 
 
 def resolve_device(name: str) -> torch.device:

@@ -8,7 +8,7 @@ import pytest
 
 from mtrec.data.preprocess import preprocess
 from mtrec.data.schema import Schema
-from tests.test_cli_errors import assert_user_error, invoke
+from tests.cli.test_cli_errors import assert_user_error, invoke
 
 ROWS = 120
 

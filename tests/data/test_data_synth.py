@@ -178,7 +178,7 @@ def test_history_carries_click_signal_that_no_other_column_has(history_log):
 
 
 def test_synth_history_through_the_cli(tmp_path):
-    from tests.test_cli_errors import assert_user_error, invoke
+    from tests.cli.test_cli_errors import assert_user_error, invoke
 
     code, out = invoke("synth", "--out", tmp_path / "h.parquet", "--rows", 500, "--history", 4)
     assert code == 0, out
@@ -189,7 +189,7 @@ def test_synth_history_through_the_cli(tmp_path):
 
 
 def test_synth_force_replaces_its_own_log_and_nothing_else(tmp_path):
-    from tests.test_cli_errors import assert_user_error, invoke
+    from tests.cli.test_cli_errors import assert_user_error, invoke
 
     code, out = invoke("synth", "--out", tmp_path / "log.parquet", "--rows", 300)
     assert code == 0, out

@@ -135,12 +135,10 @@ def test_esmm_ctcvr_ranks_impressions_at_least_as_well_as_a_plain_task(funnel, t
     assert metrics["share"]["condition"] == "click" and metrics["ctcvr"]["n"] == metrics["click"]["n"]
     # The same network with a plain share task (its label already implies a click) on every row.
     import mtrec.engine.build
-    import mtrec.engine.loop
     import mtrec.serving.evaluate
     from mtrec.engine.objective import Objective
 
-    # every place that builds the objective
-    for module in (mtrec.engine.build, mtrec.engine.loop, mtrec.serving.evaluate):
+    for module in (mtrec.engine.build, mtrec.serving.evaluate):  # every place that builds the objective
         monkeypatch.setattr(module, "objective_for", lambda cfg, tasks: Objective(tasks, {}))
     plain = tmp_path / "plain"
     code, out = invoke("train", funnel / "data", "--model", "esmm", "--target", "share", "--tasks", "share,click",

@@ -59,12 +59,15 @@ def expected_for_identical(name, g):
 
     Sum-reduced methods give T g; mean/convex-combination methods give g; CAGrad gives
     (1 + c) / (1 + c^2) g with its defaults (c = 0.5, rescale 1); DB-MTL gives its first EMA step
-    T (1 - beta) g / (L + 1e-8); CoGrad damps agreeing coordinates by 1 - (T-1) gamma g^2.
+    T (1 - beta) g / (L + 1e-8); CoGrad damps agreeing coordinates by 1 - (T-1) gamma z^2 with
+    z = g / rms(g) per tensor.
     """
     scale = {"metabalance": T, "gradcraft": 1, "gradnorm": T, "pcgrad": T, "mgda": 1, "cagrad": 1.5 / 1.25,
              "imtl": 1, "gradvac": T, "aligned-mtl": T, "nash-mtl": T}
     if name == "cograd":
-        return T * g * (1 - (T - 1) * 0.01 * g * g)
+        gamma = build("cograd", num_tasks=T).gamma[0]
+        z = g / g.square().mean().sqrt()
+        return T * g * (1 - (T - 1) * gamma * z * z).clamp(0, 2)
     if name == "db-mtl":
         return T * 0.1 * g / (1.0 + 1e-8)
     return scale[name] * g
@@ -185,18 +188,14 @@ def test_describe_lists_every_balancer_with_its_defaults():
         assert r["paper"] and set(r) >= {"name", "kind", "needs", "hparams", "paper"}
 
 
-def scaled_balancer(name, scale):
-    """CoGrad's gamma has the units of 1 / g^2 by its rule, so gamma / scale^2 is the same method."""
-    return build(name, num_tasks=T, gamma=0.01 / scale**2) if name == "cograd" else build(name, num_tasks=T)
-
-
 @pytest.mark.parametrize("scale", [1e-6, 1e-3, 1e3])
 @pytest.mark.parametrize("name", GRAD)
 def test_gradients_scaled_by_any_factor_give_the_same_direction(name, scale):
     """No absolute epsilon decides anything: over three steps (state included), gradients scaled by
-    c give c times the result (PCGrad's former absolute 1e-8 on ||g_j||^2 failed this at 1e-6);
-    Nash-MTL clips to an absolute max_norm by its rule, which keeps the direction only."""
-    unscaled, scaled = scaled_balancer(name, 1.0), scaled_balancer(name, scale)
+    c give c times the result (PCGrad's former absolute 1e-8 on ||g_j||^2 failed this at 1e-6;
+    CoGrad's literal form, gamma in units of 1 / g^2, failed it until its default became
+    scale-free); Nash-MTL clips to an absolute max_norm by its rule, which keeps the direction only."""
+    unscaled, scaled = build(name, num_tasks=T), build(name, num_tasks=T)
     for step in range(3):
         grads = make_grads(seed=step)
         torch.manual_seed(step)  # the same random orders (PCGrad, GradVac)

@@ -69,7 +69,7 @@ class CoGrad(GradBalancer):
     default_scope = "all"  # the paper's shared modules include the embeddings; no code to say otherwise
     default_groups = "tensor"  # diag-rms normalises per balanced tensor (per part with --balance-groups part)
 
-    def __init__(self, num_tasks: int, *, gamma: float | list[float] = 0.1, hessian: str = "diag-rms"):
+    def __init__(self, num_tasks: int, *, gamma: float | list[float] = 0.003, hessian: str = "diag-rms"):
         super().__init__(num_tasks)
         values = check_reals(self.name, "gamma", gamma, num_tasks, "[0, inf)", scalar_ok=True)
         if hessian == "diag":

@@ -11,21 +11,24 @@ from typing import Any
 
 from mtrec.balancers.base import Balancer, GradBalancer, LossBalancer, check_int
 from mtrec.balancers.cograd import CoGrad
+from mtrec.balancers.cone import PCD, UPGrad
 from mtrec.balancers.dbmtl import DBMTL
+from mtrec.balancers.fairgrad import FairGrad
 from mtrec.balancers.gradcraft import GradCraft
 from mtrec.balancers.gradnorm import GradNorm
 from mtrec.balancers.gram import IMTL, AlignedMTL, NashMTL
 from mtrec.balancers.metabalance import MetaBalance
 from mtrec.balancers.projection import GradVac, PCGrad
 from mtrec.balancers.simplex import MGDA, CAGrad
-from mtrec.balancers.weighting import DWA, EW, FAMO, UW, FixedWeights
+from mtrec.balancers.weighting import DWA, EW, FAMO, IMTLL, RLW, UW, FixedWeights
 from mtrec.core.errors import UserError
 
 __all__ = ["Balancer", "GradBalancer", "LossBalancer", "build", "describe", "hparams", "names"]
 
 _CLASSES: list[type[Balancer]] = [
-    EW, FixedWeights, UW, DWA, FAMO,
+    EW, FixedWeights, UW, DWA, FAMO, RLW, IMTLL,
     MetaBalance, GradCraft, CoGrad, GradNorm, PCGrad, MGDA, CAGrad, IMTL, GradVac, AlignedMTL, DBMTL, NashMTL,
+    UPGrad, PCD, FairGrad,
 ]
 _REGISTRY: dict[str, type[Balancer]] = {cls.name: cls for cls in _CLASSES}
 

@@ -1,6 +1,7 @@
 """Loss weighting: the T losses become one scalar and the engine runs one backward.
 
-EW, fixed weights, uncertainty weighting (UW), dynamic weight average (DWA) and FAMO. Weights
+EW, fixed weights, uncertainty weighting (UW), dynamic weight average (DWA), FAMO, random loss
+weighting (RLW) and IMTL-L. Weights
 that are not learned by the engine's optimizer (DWA's, FAMO's) are computed from detached losses
 and kept in buffers, so the returned scalar's gradient is ``sum_t w_t * grad L_t``.
 """
@@ -150,3 +151,88 @@ class FAMO(LossBalancer):
         grad = z * (delta - (z * delta).sum())  # J_softmax(xi)^T delta
         grad = grad + self.weight_decay * self.logits
         adam_step_(self, grad, self.betas, self.adam_eps)
+
+
+# --- a counter-based normal generator for RLW -------------------------------------------------
+# The draw for (seed, step, task) is a pure function of the three numbers: its whole state is the
+# step counter, a buffer, so it round-trips through checkpoints, is undone with the other buffers
+# when the engine skips a step, and gives the same weights on every device. 32-bit integer hash
+# (lowbias32 mixing constants) in int64 arithmetic, products split so that nothing overflows.
+
+_MASK32 = 0xFFFFFFFF
+
+
+def _mul32(x: Tensor, c: int) -> Tensor:
+    """``x * c mod 2^32`` for 0 <= x < 2^32 held in int64 (partial products stay below 2^49)."""
+    low = x * (c & 0xFFFF)
+    high = ((x * (c >> 16)) & 0xFFFF) << 16
+    return (low + high) & _MASK32
+
+
+def _mix32(x: Tensor) -> Tensor:
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def counter_normals(seed: int, counters: Tensor, dtype: torch.dtype) -> Tensor:
+    """One standard normal per int64 counter (>= 0), from two hashed uniforms (Box-Muller)."""
+    key = _mix32(torch.full_like(counters, seed & _MASK32))
+    h = _mix32(key ^ (counters & _MASK32))
+    h = _mix32(h ^ ((counters >> 32) & _MASK32))
+    u1 = ((_mix32(h ^ 0x68E31DA4) >> 8).to(dtype) + 0.5) / 2**24
+    u2 = ((_mix32(h ^ 0xB5297A4D) >> 8).to(dtype) + 0.5) / 2**24
+    return (-2 * torch.log(u1)).sqrt() * torch.cos(2 * torch.pi * u2)
+
+
+class RLW(LossBalancer):
+    """Random loss weighting (Lin et al., TMLR 2022, arXiv 2111.10603): every step draws
+    ``lambda ~ N(0, I)`` and weighs the losses with ``softmax(lambda)`` (LibMTL's default
+    distribution; the weights sum to 1): ``L = sum_t w_t L_t``, weights constant for the backward.
+
+    The draws come from a counter-based generator seeded by ``seed``: the normal for task t at step
+    k is a hash of (seed, k T + t), so the only state is the step counter (a buffer).
+    """
+
+    name = "rlw"
+    paper = "Lin et al., TMLR 2022 (arXiv 2111.10603, Reasonable Effectiveness of Random Weighting)"
+
+    def __init__(self, num_tasks: int, *, seed: int = 0):
+        super().__init__(num_tasks)
+        self.seed = check_int(self.name, "seed", seed, "[0, 4294967295]")
+        self.register_buffer("steps", torch.zeros((), dtype=torch.long))
+
+    def weights(self) -> Tensor:
+        """The weights the next ``weigh`` applies, ``[T]``."""
+        counters = self.steps * self.num_tasks + torch.arange(self.num_tasks, device=self.steps.device)
+        dtype = torch.float32 if self.steps.device.type == "mps" else torch.float64
+        return torch.softmax(counter_normals(self.seed, counters, dtype), dim=0).float()
+
+    def weigh(self, losses: Tensor) -> Tensor:
+        w = self.weights().to(losses.device)
+        self.applied = w
+        with torch.no_grad():
+            self.steps += 1
+        return (w.to(losses.dtype) * losses).sum()
+
+
+class IMTLL(LossBalancer):
+    """IMTL-L, the loss half of impartial multi-task learning (Liu et al., ICLR 2021):
+    ``L = sum_t (e^{s_t} L_t - s_t)`` with learnable s (init 0), trained by the engine's optimizer
+    without weight decay; s_t tends to -log L_t, so every scaled loss tends to 1. One backward (the
+    ``imtl`` balancer's ``variant="loss"`` gives the same update from T backward passes).
+    """
+
+    name = "imtl-l"
+    paper = "Liu et al., ICLR 2021 (Towards Impartial Multi-task Learning), IMTL-L"
+
+    def __init__(self, num_tasks: int):
+        super().__init__(num_tasks)
+        self.log_scales = torch.nn.Parameter(torch.zeros(num_tasks))
+
+    def weigh(self, losses: Tensor) -> Tensor:
+        s = self.log_scales.to(losses.dtype)
+        self.applied = torch.exp(s.detach())
+        return (torch.exp(s) * losses - s).sum()

@@ -14,7 +14,7 @@ LOSSES = torch.tensor([0.7, 0.4, 0.2])
 GRAD = names("grad")
 LOSS = names("loss")
 # Balancers whose result depends on the task order (a target task, or random visiting orders).
-ORDER_DEPENDENT = {"metabalance", "pcgrad", "gradvac"}
+ORDER_DEPENDENT = {"metabalance", "pcgrad", "gradvac", "pcd"}
 
 
 def make_grads(seed=0, num_tasks=T, scale=1.0, dtype=torch.float32):
@@ -23,9 +23,9 @@ def make_grads(seed=0, num_tasks=T, scale=1.0, dtype=torch.float32):
 
 
 def test_registry_has_every_method():
-    assert set(names()) == {"ew", "weights", "uw", "dwa", "famo", "metabalance", "gradcraft", "cograd",
-                            "gradnorm", "pcgrad", "mgda", "cagrad", "imtl", "gradvac", "aligned-mtl",
-                            "db-mtl", "nash-mtl"}
+    assert set(names()) == {"ew", "weights", "uw", "dwa", "famo", "rlw", "imtl-l", "metabalance", "gradcraft",
+                            "cograd", "gradnorm", "pcgrad", "mgda", "cagrad", "imtl", "gradvac", "aligned-mtl",
+                            "db-mtl", "nash-mtl", "upgrad", "pcd", "fairgrad"}
     assert set(GRAD) | set(LOSS) == set(names()) and not set(GRAD) & set(LOSS)
 
 
@@ -54,19 +54,26 @@ def test_finite_when_one_task_has_no_gradient(name):
     assert all(torch.isfinite(o).all() for o in out), name
 
 
-def expected_for_identical(name, g):
-    """What each balancer returns when every task has the same gradient g (fresh state).
+def expected_for_identical(name, g, total_norm):
+    """What each balancer returns when every task has the same gradient g (fresh state);
+    ``total_norm`` is ||g|| over all balanced tensors.
 
     Sum-reduced methods give T g; mean/convex-combination methods give g; CAGrad gives
     (1 + c) / (1 + c^2) g with its defaults (c = 0.5, rescale 1); DB-MTL gives its first EMA step
-    T (1 - beta) g / (L + 1e-8); CoGrad damps agreeing coordinates by 1 - (T-1) gamma g^2.
+    T (1 - beta) g / (L + 1e-8); CoGrad damps agreeing coordinates by 1 - (T-1) gamma z^2 with
+    z = g / rms(g) per tensor; UPGrad and PCD leave g as it is (it conflicts with nothing); FairGrad
+    (alpha 1) solves T ||g||^2 w = 1 / w, so T w g = sqrt(T) g / ||g||.
     """
     scale = {"metabalance": T, "gradcraft": 1, "gradnorm": T, "pcgrad": T, "mgda": 1, "cagrad": 1.5 / 1.25,
-             "imtl": 1, "gradvac": T, "aligned-mtl": T, "nash-mtl": T}
+             "imtl": 1, "gradvac": T, "aligned-mtl": T, "nash-mtl": T, "upgrad": 1, "pcd": 1}
     if name == "cograd":
-        return T * g * (1 - (T - 1) * 0.01 * g * g)
+        gamma = build("cograd", num_tasks=T).gamma[0]
+        z = g / g.square().mean().sqrt()
+        return T * g * (1 - (T - 1) * gamma * z * z).clamp(0, 2)
     if name == "db-mtl":
         return T * 0.1 * g / (1.0 + 1e-8)
+    if name == "fairgrad":
+        return T**0.5 * g / total_norm
     return scale[name] * g
 
 
@@ -76,8 +83,9 @@ def test_identical_task_gradients_give_that_gradient_up_to_scale(name):
     base = make_grads(scale=0.05)  # small: Nash-MTL's clip at norm 1 stays inactive
     grads = [g[:1].expand_as(g).clone() for g in base]
     out = b.combine(grads, torch.ones(T))
+    total_norm = torch.cat([g[0].flatten() for g in base]).norm()
     for o, g in zip(out, base):
-        torch.testing.assert_close(o, expected_for_identical(name, g[0]), rtol=1e-4, atol=1e-7)
+        torch.testing.assert_close(o, expected_for_identical(name, g[0], total_norm), rtol=1e-4, atol=1e-7)
 
 
 @pytest.mark.parametrize("name", [n for n in GRAD if n not in ORDER_DEPENDENT])
@@ -185,18 +193,19 @@ def test_describe_lists_every_balancer_with_its_defaults():
         assert r["paper"] and set(r) >= {"name", "kind", "needs", "hparams", "paper"}
 
 
-def scaled_balancer(name, scale):
-    """CoGrad's gamma has the units of 1 / g^2 by its rule, so gamma / scale^2 is the same method."""
-    return build(name, num_tasks=T, gamma=0.01 / scale**2) if name == "cograd" else build(name, num_tasks=T)
+# Methods whose rule fixes the update's norm in absolute terms, so scaling keeps only the direction:
+# Nash-MTL clips to max_norm; FairGrad's weights solve G G^T w = w^{-1/alpha} on the raw Gram.
+DIRECTION_ONLY = {"nash-mtl", "fairgrad"}
 
 
 @pytest.mark.parametrize("scale", [1e-6, 1e-3, 1e3])
 @pytest.mark.parametrize("name", GRAD)
 def test_gradients_scaled_by_any_factor_give_the_same_direction(name, scale):
     """No absolute epsilon decides anything: over three steps (state included), gradients scaled by
-    c give c times the result (PCGrad's former absolute 1e-8 on ||g_j||^2 failed this at 1e-6);
-    Nash-MTL clips to an absolute max_norm by its rule, which keeps the direction only."""
-    unscaled, scaled = scaled_balancer(name, 1.0), scaled_balancer(name, scale)
+    c give c times the result (PCGrad's former absolute 1e-8 on ||g_j||^2 failed this at 1e-6;
+    CoGrad's literal form, gamma in units of 1 / g^2, failed it until its default became
+    scale-free); DIRECTION_ONLY methods keep the direction."""
+    unscaled, scaled = build(name, num_tasks=T), build(name, num_tasks=T)
     for step in range(3):
         grads = make_grads(seed=step)
         torch.manual_seed(step)  # the same random orders (PCGrad, GradVac)
@@ -204,5 +213,5 @@ def test_gradients_scaled_by_any_factor_give_the_same_direction(name, scale):
         torch.manual_seed(step)
         got = torch.cat([o.flatten() for o in scaled.combine([g * scale for g in grads], LOSSES)]).double() / scale
         assert float(want @ got / (want.norm() * got.norm())) > 1 - 1e-6, (name, step)
-        if name != "nash-mtl":
+        if name not in DIRECTION_ONLY:
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * float(want.abs().max()))

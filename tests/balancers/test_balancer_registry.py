@@ -28,7 +28,13 @@ def test_unknown_hyperparameter_lists_the_valid_ones():
     ("gradcraft", {"tau": -1}, r"tau must be a number in \[0, 1\]"),
     ("gradcraft", {"eps": -1e-10}, r"eps must be a number in \[0, inf\)"),
     ("cograd", {"gamma": -0.1}, r"gamma must be a number or a list of 2 numbers"),
-    ("cograd", {"hessian": "full"}, "hessian must be one of diag, outer"),
+    ("cograd", {"hessian": "full"}, "hessian must be one of diag-rms, diag-raw, outer"),
+    ("cograd", {"hessian": "diag"}, "'diag-raw' is the former literal element-wise form"),
+    ("upgrad", {"reg_eps": -1e-4}, r"reg_eps must be a number in \[0, 1\]"),
+    ("pcd", {"tau": 1.5}, r"tau must be a number in \[0, 1\]"),
+    ("fairgrad", {"alpha": -1}, r"alpha must be a number in \[0, 100\]"),
+    ("fairgrad", {"iterations": 0}, r"iterations must be an integer in \[1, 1000\]"),
+    ("rlw", {"seed": -1}, r"seed must be an integer in \[0, 4294967295\]"),
     ("cagrad", {"c": -0.5}, r"c must be a number in \[0, inf\)"),
     ("cagrad", {"rescale": 3}, r"rescale must be an integer in \[0, 2\]"),
     ("gradnorm", {"alpha": -1}, r"alpha must be a number in \[0, inf\)"),
@@ -73,9 +79,10 @@ def test_every_balancer_builds_with_its_defaults(name):
 
 # What each method's paper / official code balances (docs/balancers.md, "Differences from the reference").
 FAITHFUL_DEFAULTS = {
-    "metabalance": ("all", "part"), "gradcraft": ("all", "-"), "cograd": ("all", "-"), "gradnorm": ("all", "-"),
+    "metabalance": ("all", "part"), "gradcraft": ("all", "-"), "cograd": ("all", "tensor"), "gradnorm": ("all", "-"),
     "pcgrad": ("all", "-"), "mgda": ("representation", "-"), "cagrad": ("all", "-"), "imtl": ("all", "-"),
     "gradvac": ("all", "-"), "aligned-mtl": ("all", "-"), "db-mtl": ("shared", "-"), "nash-mtl": ("all", "-"),
+    "upgrad": ("all", "-"), "pcd": ("all", "-"), "fairgrad": ("all", "-"),
 }
 
 

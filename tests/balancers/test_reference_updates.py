@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from scipy import optimize
 
-from mtrec.balancers import build
+from mtrec.balancers import build, hparams
 from mtrec.engine.step import Stepper
 from mtrec.models import ModelConfig
 from mtrec.models import build as build_model
@@ -193,10 +193,37 @@ def test_gradcraft_global_deconfliction_over_every_shared_parameter():
     assert_matches(step_grads(model, stepper, data), expected)
 
 
-def test_cograd_coordinated_correction_over_every_shared_parameter():
-    """``sum_i g_i (1 - g_i sum_{j != i} gamma_j g_j)``, factor clamped to [0, 2] (balancers.md 3.2)."""
+def test_cograd_scale_free_correction_per_balanced_tensor():
+    """Default ``diag-rms``: per balanced tensor (the touched rows of the table being one),
+    ``z_t = g_t / rms(g_t)`` and ``sum_i g_i clamp(1 - z_i sum_{j != i} gamma z_j, 0, 2)``."""
+    gamma = hparams("cograd")["gamma"]
+    model, _, stepper = setup("cograd")
+    assert stepper.groups == "tensor"
+    data = batch(4)
+    grads, _ = task_grads(model, data)
+    expected = heads(grads)
+    touched = torch.unique(data[0].long() + torch.tensor(np.cumsum([0] + VOCAB[:-1])))
+    for name in balanced_names(grads, "all"):
+        g = grads[name][:, touched] if name == TABLE else grads[name]
+        rms = g.reshape(T, -1).pow(2).mean(1).sqrt()
+        z = g / rms.reshape((T,) + (1,) * (g.dim() - 1))
+        total = torch.zeros_like(g[0])
+        for i in range(T):
+            others = sum(gamma * z[j] for j in range(T) if j != i)
+            total += g[i] * (1 - z[i] * others).clamp(0, 2)
+        if name == TABLE:
+            expected[name] = torch.zeros_like(grads[name][0]).index_copy(0, touched, total)
+        else:
+            expected[name] = total
+    plain = plain_sum(grads, balanced_names(grads, "all"))
+    assert max(float((expected[n] - plain[n]).abs().max() / plain[n].abs().max()) for n in plain) > 0.01
+    assert_matches(step_grads(model, stepper, data), expected)
+
+
+def test_cograd_literal_coordinated_correction_over_every_shared_parameter():
+    """``diag-raw``: ``sum_i g_i (1 - g_i sum_{j != i} gamma_j g_j)``, factor clamped to [0, 2] (balancers.md 3.2)."""
     gamma = [3e4, 1e4, 2e4]  # elements of ~1e-3: large enough that the correction moves the result
-    model, _, stepper = setup("cograd", gamma=gamma)
+    model, _, stepper = setup("cograd", gamma=gamma, hessian="diag-raw")
     data = batch(4)
     grads, _ = task_grads(model, data)
     expected = heads(grads)

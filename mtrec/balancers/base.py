@@ -37,6 +37,8 @@ class Balancer(torch.nn.Module):
     default_scope: ClassVar[str] = "shared"
     # Scopes the method can run in (DB-MTL keeps per-coordinate state, so only fixed shapes).
     scopes: ClassVar[tuple[str, ...]] = ("shared", "all", "representation")
+    # Why a scope outside ``scopes`` is refused, said with the refusal (CoGrad's exact Hessian form).
+    scope_reason: ClassVar[str] = ""
     # True when the balancer needs the current losses (GradNorm, DB-MTL, IMTL, DWA ...).
     needs_losses: ClassVar[bool] = False
 
@@ -93,6 +95,9 @@ class GradBalancer(Balancer):
     # expert's slice, each field's rows: ``combine`` then gets ``parts``) or "tensor". None: the
     # method works on the whole balanced vector at once, so grouping does not apply.
     default_groups: ClassVar[str | None] = None
+    # True when ``combine`` needs the engine's Hessian-vector products (CoGrad's exact form): the
+    # engine then passes ``hvp=`` (mtrec/engine/hvp.py), with the batch's graph and the optimizer's lr.
+    needs_hvp: ClassVar[bool] = False
 
     def combine(self, grads: list[Tensor], losses: Tensor | None = None, parts=None) -> list[Tensor]:
         """grads[k]: ``[T, *shape_k]``; losses: detached ``[T]`` (given when ``needs_losses``);

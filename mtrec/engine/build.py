@@ -117,7 +117,9 @@ def balance_scope(cfg: TrainConfig, model, balancer, group) -> str:
                         "use --balancer ew (or a loss-weighting balancer)")
     scope = cfg.scope or balancer.default_scope
     if balancer.kind == "grad" and scope not in balancer.scopes:
-        raise UserError(f"{cfg.balancer} cannot run with --balance-scope {scope}: use {' or '.join(balancer.scopes)}")
+        reason = f" ({balancer.scope_reason})" if balancer.scope_reason else ""
+        raise UserError(f"{cfg.balancer} cannot run with --balance-scope {scope}: use {' or '.join(balancer.scopes)}"
+                        f"{reason}")
     if group and balancer.kind == "grad" and scope != "shared":
         # Touched rows and representation gradients are per-rank rows; balancing them across
         # ranks would need a gather of variable-size tensors (not built yet).

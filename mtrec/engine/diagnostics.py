@@ -1,5 +1,7 @@
 """The diagnostics log of a run: per shared tensor, every task's gradient norm and the pairwise
-cosines (the imbalance the balancers act on), and the balancer's task weights where it has them,
+cosines (the imbalance the balancers act on), the realised change of the update from the plain sum
+of the tasks' gradients (``update_change``, ``||update - sum g|| / ||sum g||``: 0 when the balancer
+did nothing), and the balancer's task weights where it has them,
 one ``diagnostics.jsonl`` record every ``diagnostics_every`` steps. The writer, and the series that
 plots and TensorBoard read back from the records."""
 
@@ -20,6 +22,8 @@ class DiagnosticsLog:
     def write(self, step: int, diagnostics: dict) -> None:
         record = {"step": step, "scope": self.scope,
                   "norms": diagnostics["norms"].tolist(), "cosines": diagnostics["cosines"].tolist()}
+        if "update_change" in diagnostics:
+            record["update_change"] = diagnostics["update_change"].tolist()
         if "weights" in diagnostics:  # the balancer's task weights on this step, where it has them
             record["weights"] = diagnostics["weights"].tolist()
         with open(self.path, "a") as fh:
@@ -45,6 +49,15 @@ def weight_series(records: list[dict]) -> tuple[np.ndarray, np.ndarray] | None:
     if not records:
         return None
     return np.array([r["step"] for r in records]), np.array([r["weights"] for r in records], dtype=np.float64).T
+
+
+def update_change_series(records: list[dict]) -> tuple[np.ndarray, np.ndarray] | None:
+    """steps [S] and the realised update change [K, S] per shared tensor from the records that carry
+    it; None when none does (runs logged before it existed)."""
+    records = [r for r in records if r.get("update_change") is not None]
+    if not records:
+        return None
+    return np.array([r["step"] for r in records]), np.array([r["update_change"] for r in records], dtype=np.float64).T
 
 
 def cosine_series(records: list[dict]) -> tuple[np.ndarray, list[tuple[int, int]], np.ndarray]:

@@ -9,7 +9,8 @@ The x axis is the global step. Tags:
 - ``valid_<metric>/<task>`` (auc, gauc, logloss, ndcg) and ``train/samples_per_second``,
   ``train/skipped_steps`` per epoch; ``train_loss/<task>`` when the records carry ``train_loss``;
 - ``grad_norm/tensor<k>/<task>``, ``grad_norm_ratio/tensor<k>/<task>`` (auxiliary over target) and
-  ``grad_cosine/tensor<k>/<task>-<task>`` and ``task_weight/<task>`` (where the balancer has task
+  ``grad_cosine/tensor<k>/<task>-<task>``, ``update_change/tensor<k>`` (the update's change from
+  the plain sum of the tasks' gradients) and ``task_weight/<task>`` (where the balancer has task
   weights) per diagnostics step.
 
 Needs the ``tensorboard`` package (``pip install 'mtrec[tensorboard]'``).
@@ -66,6 +67,8 @@ class EventLog:
                     self._scalar(f"grad_norm_ratio/tensor{k}/{task}", ratios[k, t - 1, 0], step)
             for p, (i, j) in enumerate(pairs):
                 self._scalar(f"grad_cosine/tensor{k}/{self.tasks[i]}-{self.tasks[j]}", cosines[k, p, 0], step)
+        for k, change in enumerate(record.get("update_change") or []):
+            self._scalar(f"update_change/tensor{k}", change, step)
         for task, weight in zip(self.tasks, record.get("weights") or []):  # where the balancer has them
             self._scalar(f"task_weight/{task}", weight, step)
 

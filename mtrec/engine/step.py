@@ -38,6 +38,7 @@ from torch import Tensor
 from mtrec.balancers.base import Balancer, LossBalancer, tensor_grams
 from mtrec.balancers.parts import Parts
 from mtrec.core.console import err_console
+from mtrec.engine import hvp
 from mtrec.engine.objective import Objective
 from mtrec.engine.optim import embedding_tables, empty_row_grad, row_grad
 
@@ -85,6 +86,14 @@ class PerTaskGrads:
         return [torch.stack(per_input) for per_input in zip(*rows)]
 
 
+def update_change(grads: list[Tensor], update: list[Tensor]) -> Tensor:
+    """``[K]``: ``||update_k - sum_t grads[k][t]|| / ||sum_t grads[k][t]||`` in fp32, on the device."""
+    plain = [g.detach().float().sum(0) for g in grads]
+    diff = torch.stack([torch.linalg.vector_norm(u.detach().float() - s) for u, s in zip(update, plain)])
+    base = torch.stack([torch.linalg.vector_norm(s) for s in plain])
+    return torch.where(diff == 0, torch.zeros_like(diff), diff / base)
+
+
 def _no_batching_rule(err: RuntimeError) -> bool:
     """The one failure of the batched call that the loop can work around: an op vmap cannot batch."""
     text = str(err).lower()
@@ -115,6 +124,7 @@ class Stepper:
         self.group = group  # a distributed.Group under torchrun: gradients are summed across ranks
         # "tensor" or "part" (None: the balancer's own default, else per tensor).
         self.groups = groups or getattr(balancer, "default_groups", None) or "tensor"
+        hvp.check(balancer, scope, group)
         self.num_tasks = model.num_tasks
         # How logits and labels become the T losses (conditional tasks, ESMM); plain BCE by default.
         self.objective = objective or Objective([str(t) for t in range(self.num_tasks)], {})
@@ -168,10 +178,12 @@ class Stepper:
         losses = self._losses(logits, b)
         if self.group:
             losses = self.group.global_losses(losses, b.share)
-        if diagnose and self.shared_params:
-            # Sampled steps only: what the tasks' gradients look like under this loss weighting.
-            self._diagnose(self.grads(losses, self.shared_params, retain_graph=True))
+        # Sampled steps only: what the tasks' gradients look like under this loss weighting.
+        per_task = (self.grads(losses, self.shared_params, retain_graph=True) if diagnose and self.shared_params
+                    else None)
         self.balancer.weigh(losses).backward()
+        if per_task is not None:
+            self._diagnose(per_task, [torch.zeros_like(p) if p.grad is None else p.grad for p in self.shared_params])
         return losses.detach(), self._finite(losses, self._param_grads(b.share))
 
     def _representation(self, b: Batch, diagnose: bool):
@@ -185,7 +197,7 @@ class Stepper:
         rep_grads, task_grads = grads[:len(leaves)], grads[len(leaves):]
         combined, inputs_finite = self._combine(rep_grads, losses.detach())
         if diagnose:
-            self._diagnose(rep_grads)
+            self._diagnose(rep_grads, combined)
         torch.autograd.backward(list(z), [c.to(t.dtype) for c, t in zip(combined, z)])
         # The shared part's gradients come from this backward of the balancer's output: what the
         # optimizer would apply there is checked, not only the balancer's inputs.
@@ -195,7 +207,7 @@ class Stepper:
 
     def _shared(self, b: Batch, diagnose: bool):
         e, losses, shared_grads, task_grads, e_grads = self._per_task(b)
-        combined, inputs_finite = self._combine(shared_grads, losses, **self._parts())
+        combined, inputs_finite = self._combine(shared_grads, losses, **self._parts(), **self._hvp(b))
         e.backward(e_grads.sum(0))  # the embedding rows get the plain sum of the tasks' gradients
         if self.group:
             self.group.sum_grads_([self.model.embedding.table.weight], b.share)
@@ -210,7 +222,8 @@ class Stepper:
         touched, where = torch.unique(self.model.embedding.rows(b.codes).flatten(), return_inverse=True)
         row_grads = e_grads.new_zeros((self.num_tasks, touched.numel(), table.shape[1]))
         row_grads.index_add_(1, where, e_grads.flatten(1, 2))
-        combined, inputs_finite = self._combine(shared_grads + [row_grads], losses, **self._parts(touched))
+        combined, inputs_finite = self._combine(shared_grads + [row_grads], losses, **self._parts(touched),
+                                                **self._hvp(b, (touched, where)))
         rows_grad = combined[-1].to(table.dtype)
         # The touched rows go to a sparse embedding optimizer as they are; a dense table-sized
         # gradient only for --embedding-optimizer adam.
@@ -251,7 +264,7 @@ class Stepper:
 
     def _set_shared_grads(self, combined: list[Tensor], shared_grads: list[Tensor], diagnose: bool) -> None:
         if diagnose:
-            self._diagnose(shared_grads)
+            self._diagnose(shared_grads, combined)
         for p, g in zip(self.shared_params, combined):
             p.grad = g.to(p.dtype)
 
@@ -279,12 +292,14 @@ class Stepper:
             g.mul_(scale.to(g.dtype))
         self.clipped += norm > self.clip_grad
 
-    def _diagnose(self, grads: list[Tensor]) -> None:
-        """Per shared tensor: per-task gradient norms [K, T] and pairwise cosines [K, T, T]."""
+    def _diagnose(self, grads: list[Tensor], update: list[Tensor]) -> None:
+        """Per shared tensor: per-task gradient norms [K, T], pairwise cosines [K, T, T], and how far
+        the update the step applies is from the plain sum, ``||update - sum_t g_t|| / ||sum_t g_t||``
+        [K] (0 where the balancer left the sum as it was; inf where only the sum is 0)."""
         gram = tensor_grams([g.detach() for g in grads])
         norms = gram.diagonal(dim1=1, dim2=2).clamp_min(0).sqrt()
         cos = gram / (norms.unsqueeze(2) * norms.unsqueeze(1)).clamp_min(1e-30)
-        self.diagnostics = {"norms": norms, "cosines": cos}
+        self.diagnostics = {"norms": norms, "cosines": cos, "update_change": update_change(grads, update)}
 
     def _finite(self, losses: Tensor, tensors: list[Tensor]) -> Tensor:
         """A 0-dim device flag (no host sync): the losses and every tensor are finite (one sum per
@@ -310,6 +325,11 @@ class Stepper:
                 table.weight.grad = empty_row_grad(table.weight)
         self.group.sum_grads_(params, share)
         return [p.grad for p in params]
+
+    def _hvp(self, b: Batch, rows: tuple[Tensor, Tensor] | None = None) -> dict:
+        """``{"hvp": TaskHessians}`` for a balancer that needs exact Hessian-vector products (CoGrad's
+        hessian=hvp, engine/hvp.py), else nothing; ``rows``: the touched rows and their inverse map."""
+        return {"hvp": hvp.TaskHessians(self, b, rows)} if getattr(self.balancer, "needs_hvp", False) else {}
 
     def _parts(self, touched: Tensor | None = None) -> dict:
         """``{"parts": Parts}`` for ``combine`` under ``--balance-groups part`` (else nothing): the

@@ -14,7 +14,7 @@ import numpy as np
 
 from mtrec.core.errors import UserError
 from mtrec.core.files import atomic_write, read_jsonl
-from mtrec.engine.diagnostics import cosine_series, norm_ratio_series, weight_series
+from mtrec.engine.diagnostics import cosine_series, norm_ratio_series, update_change_series, weight_series
 from mtrec.research.compare import METRIC_NAMES, mean_std, t_quantile
 
 
@@ -239,6 +239,15 @@ def _plot_run(run: Path, out: Path) -> tuple[list[Path], list[str]]:
     if len(tasks) > 1:
         written += _figure_norm_ratios(*norm_ratio_series(diagnostics), tasks, scope, out)
         written += _figure_cosines(*cosine_series(diagnostics), tasks, scope, out)
+    changes = update_change_series(diagnostics)
+    if changes is None:
+        notes.append("diagnostics.jsonl holds no update change (logged before it existed): no update_change figure")
+    else:
+        steps, values = changes
+        series = {f"shared tensor {k}": (steps, values[k]) for k in range(values.shape[0])}
+        written += _figure_lines({"||update - sum g|| / ||sum g||": series}, "step",
+                                 f"the balancer's change of the plain sum of task gradients (scope {scope}; 0: "
+                                 "it did nothing)", out, "update_change")
     weights = weight_series(diagnostics)
     if weights is None:
         notes.append("diagnostics.jsonl holds no task weights (the balancer has none): no task_weights figure")

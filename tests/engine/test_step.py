@@ -293,6 +293,11 @@ def test_one_host_sync_per_step(monkeypatch, balancer_name, scope):
     opt = torch.optim.SGD(list(model.parameters()) + list(balancer.parameters()), lr=1e-3)
     stepper = Stepper(model, balancer, opt, scope or balancer.default_scope, torch.device("cpu"), None)
     stepper.step(*data())  # lazily sized state exists now
+    assert host_reads(monkeypatch, stepper) == ["__bool__"]
+
+
+def host_reads(monkeypatch, stepper) -> list[str]:
+    """The reads of device values (a Python bool/item/list of a tensor) during one good step."""
     reads = []
     for name in ("__bool__", "item", "tolist", "__int__", "__float__"):
         original = getattr(torch.Tensor, name)
@@ -300,7 +305,7 @@ def test_one_host_sync_per_step(monkeypatch, balancer_name, scope):
                             lambda self, *a, _o=original, _n=name, **k: reads.append(_n) or _o(self, *a, **k))
     assert stepper.step(*data(seed=3)) is not None
     monkeypatch.undo()
-    assert reads == ["__bool__"], reads
+    return reads
 
 
 def test_sampled_steps_log_the_task_weights_the_balancer_applied():
@@ -337,3 +342,50 @@ def test_sampled_steps_log_the_task_weights_the_balancer_applied():
                       "shared", torch.device("cpu"), None)
     stepper.step(*data(), diagnose=True)
     assert "weights" not in stepper.diagnostics
+
+
+def test_update_change_is_the_hand_computed_ratio_for_pcgrad_on_two_conflicting_gradients():
+    """g1 = [1, 0], g2 = [-1, 1] conflict (g1 . g2 = -1): PCGrad gives g1 + g2/2 = [0.5, 0.5] and
+    g2 + g1 = [0, 1], update [0.5, 1.5] against the plain sum [0, 1]: ||[0.5, 0.5]|| / 1 = 1/sqrt(2).
+    A second tensor where the tasks agree is left as the sum: 0."""
+    from mtrec import balancers
+    from mtrec.engine.step import update_change
+
+    grads = [torch.tensor([[1.0, 0.0], [-1.0, 1.0]]), torch.tensor([[1.0, 2.0], [2.0, 1.0]])]
+    conflicting = balancers.build("pcgrad", num_tasks=2).combine(grads[:1])
+    torch.testing.assert_close(conflicting[0], torch.tensor([0.5, 1.5]))
+    torch.testing.assert_close(update_change(grads, conflicting + [grads[1].sum(0)]),
+                               torch.tensor([2**-0.5, 0.0]))
+
+
+def test_diagnostics_log_the_realised_update_change_of_every_kind_of_balancer():
+    """EW (one backward of the summed loss) and CoGrad with gamma 0 log 0; CoGrad's default logs
+    ||applied - sum_t g_t|| / ||sum_t g_t|| with the per-task gradients from separate backward passes."""
+    from mtrec import balancers
+
+    codes, numeric, labels = data()
+    model, _, _ = setup("mmoe", "shared")
+    stepper = Stepper(model, balancers.build("ew", num_tasks=3), torch.optim.SGD(model.parameters(), lr=0.0),
+                      "shared", torch.device("cpu"), None)
+    stepper.step(codes, numeric, labels, diagnose=True)
+    change = stepper.diagnostics["update_change"]
+    assert change.shape == (len(model.shared_parameters()),) and torch.all(change < 1e-6)  # fp32 summation order
+    for scope in ("shared", "all", "representation"):
+        model, _, _ = setup("mmoe", scope)
+        stepper = Stepper(model, balancers.build("cograd", num_tasks=3, gamma=0.0),
+                          torch.optim.SGD(model.parameters(), lr=0.0), scope, torch.device("cpu"), None)
+        stepper.step(codes, numeric, labels, diagnose=True)
+        assert torch.equal(stepper.diagnostics["update_change"], torch.zeros_like(stepper.diagnostics["norms"][:, 0]))
+    model, _, _ = setup("mmoe", "all")
+    stepper = Stepper(model, balancers.build("cograd", num_tasks=3, gamma=0.1),
+                      torch.optim.SGD(model.parameters(), lr=0.0), "all", torch.device("cpu"), None)
+    stepper.step(codes, numeric, labels, diagnose=True)
+    applied = [p.grad.clone() for p in model.shared_parameters()]
+    plain = [torch.zeros_like(p) for p in model.shared_parameters()]
+    for t in range(3):
+        model.zero_grad()
+        task_losses(model(codes, numeric), labels)[t].backward()
+        plain = [s + p.grad for s, p in zip(plain, model.shared_parameters())]
+    expected = torch.stack([(a - s).norm() / s.norm() for a, s in zip(applied, plain)])
+    torch.testing.assert_close(stepper.diagnostics["update_change"], expected, rtol=1e-3, atol=1e-6)
+    assert torch.all(expected > 1e-3)

@@ -63,6 +63,23 @@ def test_schedule_reaches_every_group_and_clipping_is_counted(data_dir, tmp_path
     assert [r["clipped_steps"] for r in records] == [steps, 2 * steps]
 
 
+def test_a_training_run_logs_the_update_change_of_cograds_exact_form(data_dir, tmp_path):
+    """A real 1-epoch run with hessian=hvp: every diagnostics record carries the realised change
+    of the update from the plain sum, one finite, positive value per shared tensor."""
+    settings = {**SMALL, "diagnostics_every": 5}
+    cfg = TrainConfig(data=str(data_dir), out=str(tmp_path / "run"), epochs=1, balancer="cograd",
+                      balancer_opts={"hessian": "hvp", "gamma": 0.05}, **settings)
+    trainer = Trainer(cfg, quiet=True)
+    trainer.run()
+    records = [json.loads(x) for x in (tmp_path / "run" / "diagnostics.jsonl").read_text().splitlines()]
+    steps = math.ceil(len(trainer.train_split) / cfg.batch_size)
+    assert [r["step"] for r in records] == list(range(1, steps + 1, 5))
+    shared = len(trainer.model.shared_parameters())
+    for r in records:
+        assert r["scope"] == "all" and len(r["update_change"]) == len(r["norms"]) == shared
+        assert all(0 < c < 1 for c in r["update_change"]), r["update_change"]
+
+
 def test_select_logloss_keeps_the_epoch_with_the_lowest_target_logloss(data_dir, tmp_path):
     cfg = TrainConfig(data=str(data_dir), out=str(tmp_path / "run"), epochs=3, patience=3, lr=0.02,
                       select="logloss", **SMALL)
@@ -227,3 +244,7 @@ def test_train_writes_tensorboard_events_equal_to_its_logs(encoded_synthetic, tm
     norms = scalars("grad_norm/tensor0/like")
     assert norms == [(d["step"], pytest.approx(d["norms"][0][1], rel=1e-5)) for d in diagnostics]
     assert scalars("task_weight/share") == [(d["step"], 1.0) for d in diagnostics]  # EW weighs every task 1
+    # EW's update is the plain sum: its logged change is 0 up to fp32 summation order, as in the events.
+    changes = scalars("update_change/tensor0")
+    assert changes == [(d["step"], pytest.approx(d["update_change"][0], abs=1e-7)) for d in diagnostics]
+    assert all(value < 1e-5 for _, value in changes)

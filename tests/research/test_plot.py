@@ -22,7 +22,7 @@ pytest.importorskip("matplotlib")
 
 
 def fake_run(root: Path, epochs: int = 3, steps: int = 5, shared: int = 2, train_loss: bool = False,
-             weights: bool = False) -> tuple:
+             weights: bool = False, update_change: bool = False) -> tuple:
     """A run directory with config.json, metrics.jsonl and diagnostics.jsonl of random values."""
     rng = np.random.default_rng(1)
     root.mkdir()
@@ -44,6 +44,8 @@ def fake_run(root: Path, epochs: int = 3, steps: int = 5, shared: int = 2, train
         cos = rng.uniform(-1, 1, size=(shared, len(TASKS), len(TASKS)))
         cos = (cos + cos.transpose(0, 2, 1)) / 2
         diagnostics.append({"step": 1 + 200 * s, "scope": "shared", "norms": norms.tolist(), "cosines": cos.tolist()})
+        if update_change:
+            diagnostics[-1]["update_change"] = rng.uniform(0, 0.5, size=shared).tolist()
         if weights:
             diagnostics[-1]["weights"] = rng.uniform(0.1, 2.0, size=len(TASKS)).tolist()
     (root / "diagnostics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in diagnostics))
@@ -86,18 +88,23 @@ def test_run_figures_are_written(tmp_path):
     fake_run(tmp_path / "run")
     written, notes = plot.plot(tmp_path / "run", tmp_path / "figs")
     assert notes == ["metrics.jsonl holds no training loss per task: no train_loss figure",
+                     "diagnostics.jsonl holds no update change (logged before it existed): no update_change figure",
                      "diagnostics.jsonl holds no task weights (the balancer has none): no task_weights figure"]
     assert len(written) == 6
     assert_figures(tmp_path / "figs", ["valid_metrics", "grad_norm_ratio", "grad_cosine"])
     # With a training loss per task and task weights logged, their figures are drawn from the logged values too.
-    history, diagnostics = fake_run(tmp_path / "run2", shared=1, train_loss=True, weights=True)
+    history, diagnostics = fake_run(tmp_path / "run2", shared=2, train_loss=True, weights=True, update_change=True)
     losses = plot.train_loss_series(history)
     assert {t: v for t, (_, v) in losses.items()} == {t: [r["train_loss"][t] for r in history] for t in TASKS}
     steps, weights = plot.weight_series(diagnostics)
     assert list(steps) == [d["step"] for d in diagnostics]
     assert weights.tolist() == [[d["weights"][t] for d in diagnostics] for t in range(len(TASKS))]
+    steps, changes = plot.update_change_series(diagnostics)
+    assert list(steps) == [d["step"] for d in diagnostics]
+    assert changes.tolist() == [[d["update_change"][k] for d in diagnostics] for k in range(2)]
     written, notes = plot.plot(tmp_path / "run2", tmp_path / "figs2")
     assert notes == [] and (tmp_path / "figs2" / "train_loss.svg").exists()
+    assert (tmp_path / "figs2" / "update_change.svg").exists()
     assert (tmp_path / "figs2" / "task_weights.svg").exists()
 
 
@@ -166,13 +173,16 @@ def test_plot_of_a_real_run(encoded_synthetic, tmp_path):
                    env=env, check=True, capture_output=True)
     result = CliRunner().invoke(app, ["plot", str(run), "--out", str(tmp_path / "figs")])
     assert result.exit_code == 0, result.output
-    assert_figures(tmp_path / "figs", ["valid_metrics", "train_loss", "grad_norm_ratio", "grad_cosine", "task_weights"])
+    assert_figures(tmp_path / "figs", ["valid_metrics", "train_loss", "grad_norm_ratio", "grad_cosine", "update_change",
+                                       "task_weights"])
     diagnostics = plot.read_jsonl(run / "diagnostics.jsonl")
     steps, weights = plot.weight_series(diagnostics)  # EW: every task weighs 1 on every logged step
     assert list(steps) == [d["step"] for d in diagnostics] and np.array_equal(weights, np.ones((3, len(steps))))
     steps, ratios = plot.norm_ratio_series(diagnostics)
     norms = np.array(diagnostics[-1]["norms"])
     assert steps[-1] == diagnostics[-1]["step"] and np.allclose(ratios[:, :, -1], norms[:, 1:] / norms[:, :1])
+    steps, changes = plot.update_change_series(diagnostics)  # EW: the plain sum, up to fp32 summation order
+    assert changes.shape == (norms.shape[0], len(diagnostics)) and np.all(changes < 1e-5)
 
 
 def test_tensorboard_events_hold_the_logged_scalars(tmp_path):

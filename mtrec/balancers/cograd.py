@@ -18,7 +18,7 @@ with the Hessian approximated by
   (a per-task rescaling; gamma has units 1 / g^2 as in ``diag-raw``).
 - ``hessian="hvp"``: the exact Hessian, ``sum_i (g_i - lam lr H_i sum_{j != i} gamma_j z_j)``: the
   virtual step along task j is the optimizer's, ``lr z_j`` (Adam moves each coordinate by about lr,
-  i.e. along ``z_j = g_j / rms(g_j)`` per group), so lam and gamma are dimensionless. The engine
+  i.e. along ``z_j = g_j / rms(g_j)`` per group), so lam (default 50) and gamma are dimensionless. The engine
   computes ``sum_i H_i v_i`` (double backward, mtrec/engine/hvp.py) and passes it as ``hvp``;
   scopes ``shared`` and ``all`` only. ``hessian="hvp-raw"``: the literal step ``lr g_j``.
 
@@ -85,7 +85,7 @@ class CoGrad(GradBalancer):
     default_groups = "tensor"  # diag-rms normalises per balanced tensor (per part with --balance-groups part)
 
     def __init__(self, num_tasks: int, *, gamma: float | list[float] = 0.003, hessian: str = "diag-rms",
-                 lam: float = 1.0):
+                 lam: float = 50.0):
         super().__init__(num_tasks)
         values = check_reals(self.name, "gamma", gamma, num_tasks, "[0, inf)", scalar_ok=True)
         self.lam = check_real(self.name, "lam", lam, "[0, inf)")  # the hvp forms' strength; unused otherwise

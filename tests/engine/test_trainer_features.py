@@ -68,7 +68,7 @@ def test_a_training_run_logs_the_update_change_of_cograds_exact_form(data_dir, t
     of the update from the plain sum, one finite, positive value per shared tensor."""
     settings = {**SMALL, "diagnostics_every": 5}
     cfg = TrainConfig(data=str(data_dir), out=str(tmp_path / "run"), epochs=1, balancer="cograd",
-                      balancer_opts={"hessian": "hvp", "gamma": 0.05}, **settings)
+                      balancer_opts={"hessian": "hvp"}, **settings)
     trainer = Trainer(cfg, quiet=True)
     trainer.run()
     records = [json.loads(x) for x in (tmp_path / "run" / "diagnostics.jsonl").read_text().splitlines()]

@@ -10,6 +10,7 @@ input convention (docs/serving.md). Needs ``pip install 'mtrec[export]'`` (onnx,
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import warnings
@@ -149,11 +150,18 @@ def export_run(run_dir: str | Path, out: str | Path, *, which: str = "best", fmt
 
 def model_inputs(model_path: str | Path) -> list[dict]:
     """The input convention recorded in an exported model's metadata."""
-    onnx = _onnx()
-    props = {p.key: p.value for p in onnx.load(str(model_path), load_external_data=False).metadata_props}
+    path = Path(model_path)
+    stat = path.stat()
+    return json.loads(_metadata(str(path.resolve()), stat.st_mtime_ns, stat.st_size)["mtrec.inputs"])
+
+
+@functools.lru_cache(maxsize=8)
+def _metadata(path: str, mtime_ns: int, size: int) -> dict:
+    """An exported model's metadata, parsed once per file version (a server calls onnx_inputs per request)."""
+    props = {p.key: p.value for p in _onnx().load(path, load_external_data=False).metadata_props}
     if props.get(MARKER[0]) != MARKER[1]:
-        raise UserError(f"{model_path} was not written by mtrec export")
-    return json.loads(props["mtrec.inputs"])
+        raise UserError(f"{path} was not written by mtrec export")
+    return props
 
 
 def onnx_inputs(frame: pl.DataFrame, model_path: str | Path) -> dict[str, np.ndarray]:
@@ -224,7 +232,8 @@ def _list_input(column: pl.Series, spec: dict) -> np.ndarray:
 def _code_inputs(frame: pl.DataFrame, model_path) -> dict[str, np.ndarray]:
     from mtrec.data.tensors import frame_to_split
 
-    props = {p.key: p.value for p in _onnx().load(str(model_path), load_external_data=False).metadata_props}
-    columns = json.loads(props["mtrec.code_columns"])
+    path = Path(model_path)
+    stat = path.stat()
+    columns = json.loads(_metadata(str(path.resolve()), stat.st_mtime_ns, stat.st_size)["mtrec.code_columns"])
     split = frame_to_split(frame, columns["categorical"], columns["numeric"], [])
     return {"codes": split.codes.numpy(), "numeric": split.numeric.numpy()}

@@ -30,6 +30,7 @@ class CoGrad(GradBalancer):
     """Coordinated gradients: ``sum_i g_i * clamp(1 - g_i * sum_{j!=i} gamma_j g_j, 0, 2)``."""
 
     name = "cograd"
+    split_rows = True  # rows split over processes: docs/design.md, "Several processes"
     paper = "Yang et al., SIGIR 2023 (arXiv 2303.05847); reconstructed, no official code"
     default_scope = "all"  # the paper's shared modules include the embeddings; no code to say otherwise
 

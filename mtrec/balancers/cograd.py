@@ -65,6 +65,7 @@ class CoGrad(GradBalancer):
     """
 
     name = "cograd"
+    split_rows = True  # rows split over processes: docs/design.md, "Several processes"
     paper = "Yang et al., SIGIR 2023 (arXiv 2303.05847); reconstructed, no official code"
     default_scope = "all"  # the paper's shared modules include the embeddings; no code to say otherwise
     default_groups = "tensor"  # diag-rms normalises per balanced tensor (per part with --balance-groups part)

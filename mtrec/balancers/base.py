@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextvars import ContextVar
 from typing import ClassVar
 
 import torch
@@ -95,6 +96,13 @@ class GradBalancer(Balancer):
     # expert's slice, each field's rows: ``combine`` then gets ``parts``) or "tensor". None: the
     # method works on the whole balanced vector at once, so grouping does not apply.
     default_groups: ClassVar[str | None] = None
+    # True when ``combine`` gives each row the same result while the rows of its gradients (dim 1,
+    # the samples in scope ``representation``) are split over processes: it reads the rows only
+    # through the sums over them that the helpers below form (``gram_matrix``, ``tensor_grams``,
+    # ``parts.group_norms`` / ``group_grams``), which ``rows_split`` sums over the ranks, and
+    # otherwise row by row (a weighted sum of the tasks, an elementwise rule). False: such a
+    # balancer runs in scope representation in one process only (the engine refuses it).
+    split_rows: ClassVar[bool] = False
     # True when ``combine`` needs the engine's Hessian-vector products (CoGrad's exact form): the
     # engine then passes ``hvp=`` (mtrec/engine/hvp.py), with the batch's graph and the optimizer's lr.
     needs_hvp: ClassVar[bool] = False
@@ -219,10 +227,38 @@ def _gram(r: Tensor) -> Tensor:
     return out.addmm_(tail, tail.T) if tail.shape[1] else out
 
 
+# Rows split over processes (scope representation under torchrun): each rank holds its samples'
+# rows of the gradients. Inside ``rows_split(reduce)`` the helpers that sum over rows (Grams,
+# squared norms) pass their result through ``reduce`` (an all-reduce: T^2 or T numbers per
+# tensor), so a balancer with ``split_rows`` sees the global batch's statistics on every rank.
+_ROW_SUM: ContextVar[Callable[[Tensor], Tensor] | None] = ContextVar("mtrec_row_sum", default=None)
+
+
+@contextlib.contextmanager
+def rows_split(reduce: Callable[[Tensor], Tensor]) -> Iterator[None]:
+    """While inside, ``row_sum`` sums a statistic over the processes that hold the other rows."""
+    token = _ROW_SUM.set(reduce)
+    try:
+        yield
+    finally:
+        _ROW_SUM.reset(token)
+
+
+def rows_are_split() -> bool:
+    """Whether the rows are split over processes (inside ``rows_split``)."""
+    return _ROW_SUM.get() is not None
+
+
+def row_sum(stat: Tensor) -> Tensor:
+    """A sum over this process's rows made the sum over every process's rows (itself in one process)."""
+    reduce = _ROW_SUM.get()
+    return stat if reduce is None else reduce(stat)
+
+
 def tensor_grams(grads: list[Tensor]) -> Tensor:
     """Per shared tensor k, the task Gram matrix ``G_k G_k^T``: ``[K, T, T]`` fp32."""
     with exact_matmul(grads[0]):
-        return torch.stack([_gram(r) for r in map(rows, grads)])
+        return row_sum(torch.stack([_gram(r) for r in map(rows, grads)]))
 
 
 def gram_matrix(grads: list[Tensor]) -> Tensor:
@@ -231,7 +267,7 @@ def gram_matrix(grads: list[Tensor]) -> Tensor:
         total = None
         for r in map(rows, grads):
             total = _gram(r) if total is None else total.add_(_gram(r))
-        return total
+        return row_sum(total)
 
 
 def weighted_sum(grads: list[Tensor], weights: Tensor) -> list[Tensor]:

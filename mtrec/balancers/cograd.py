@@ -32,7 +32,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from mtrec.balancers.base import GradBalancer, check_choice, check_real, check_reals, gram_matrix, weighted_sum
+from mtrec.balancers.base import GradBalancer, check_choice, check_real, check_reals, gram_matrix, row_sum, weighted_sum
 from mtrec.core.errors import UserError
 
 HESSIANS = ("diag-rms", "diag-raw", "outer", "hvp", "hvp-raw")
@@ -50,7 +50,11 @@ def _rms_per_slice(x: Tensor, count: int, ids: Tensor | None) -> Tensor:
     """
     T = x.shape[0]
     if count == 1 or x.dim() < 2:
-        rms = x.reshape(T, -1).square().mean(1).sqrt()
+        # Sums of squares and the element count, summed over the processes holding other rows
+        # (representation rows under torchrun: one all-reduce), then the mean.
+        flat = x.reshape(T, -1)
+        sums = row_sum(torch.cat([flat.square().sum(1), flat.new_full((1,), flat.shape[1])]))
+        rms = (sums[:T] / sums[T:].clamp_min(1)).sqrt()
         return rms.view((T,) + (1,) * (x.dim() - 1))
     slices = x.reshape(T, x.shape[1], -1)
     sq = slices.square().sum(2)  # [T, n0]
@@ -80,6 +84,7 @@ class CoGrad(GradBalancer):
     """
 
     name = "cograd"
+    split_rows = True  # rows split over processes: docs/design.md, "Several processes"
     paper = "Yang et al., SIGIR 2023 (arXiv 2303.05847); reconstructed, no official code"
     default_scope = "all"  # the paper's shared modules include the embeddings; no code to say otherwise
     default_groups = "tensor"  # diag-rms normalises per balanced tensor (per part with --balance-groups part)

@@ -59,6 +59,7 @@ class UPGrad(GramBalancer):
     ``reg_eps`` I (TorchJD's and LibMTL's defaults).
     """
 
+    split_rows = True  # rows split over processes: docs/design.md, "Several processes"
     name = "upgrad"
     paper = "Quinton & Rey, 2024 (arXiv 2406.16232, Jacobian Descent for Multi-Objective Optimization)"
     default_scope = "all"  # TorchJD's mtl_backward and LibMTL aggregate every shared parameter
@@ -88,6 +89,7 @@ class PCD(GramBalancer):
     ``d = g_0 + sum_j lambda_j g_j``, lambda >= 0 from a T - 1 variable QP.
     """
 
+    split_rows = True  # rows split over processes: docs/design.md, "Several processes"
     name = "pcd"
     paper = "reconstruction of TorchJD 0.18's PCD (arXiv 2606.29521, not readable here)"
     default_scope = "all"  # as UPGrad: every shared parameter

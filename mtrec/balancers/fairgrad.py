@@ -17,6 +17,7 @@ class FairGrad(GramBalancer):
     ``c^{(1 - alpha) / (1 + alpha)}`` when every gradient is scaled by c.
     """
 
+    split_rows = True  # rows split over processes: docs/design.md, "Several processes"
     name = "fairgrad"
     paper = "Ban & Ji, ICML 2024 (arXiv 2402.15638)"
     default_scope = "all"  # LibMTL balances every shared parameter

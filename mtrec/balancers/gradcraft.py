@@ -23,6 +23,7 @@ class GradCraft(GramBalancer):
     """
 
     name = "gradcraft"
+    split_rows = True  # rows split over processes: docs/design.md, "Several processes"
     paper = "Bai et al., KDD 2024 (arXiv 2407.19682)"
     default_scope = "all"  # the official code flattens every parameter, embeddings included
 

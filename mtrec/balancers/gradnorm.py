@@ -6,6 +6,7 @@ import torch
 from torch import Tensor
 
 from mtrec.balancers.base import GradBalancer, adam_step_, check_real, register_adam_state, require_losses, weighted_sum
+from mtrec.balancers.parts import group_norms
 
 
 class GradNorm(GradBalancer):
@@ -19,6 +20,7 @@ class GradNorm(GradBalancer):
     """
 
     name = "gradnorm"
+    split_rows = True  # rows split over processes: docs/design.md, "Several processes"
     paper = "Chen et al., ICML 2018 (arXiv 1711.02257)"
     default_scope = "all"  # LibMTL's G_t is over every shared parameter (the paper: the last shared layer)
     needs_losses = True
@@ -41,8 +43,7 @@ class GradNorm(GradBalancer):
         w = self.weights()
         self.applied = w.detach()
         combined = weighted_sum(grads, w)
-        norms = torch.stack([torch.linalg.vector_norm(g.reshape(T, -1), dim=1, dtype=torch.float32)
-                             for g in grads]).norm(dim=0)
+        norms = group_norms(grads).norm(dim=0)  # per tensor, then over tensors
         with torch.no_grad():
             first = (self.initial_losses <= 0) & (losses > 0)
             self.initial_losses.copy_(torch.where(first, losses, self.initial_losses))

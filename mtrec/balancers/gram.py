@@ -43,6 +43,7 @@ class IMTL(GramBalancer):
     """
 
     name = "imtl"
+    split_rows = True  # rows split over processes: docs/design.md, "Several processes"
     paper = "Liu et al., ICLR 2021 (Towards Impartial Multi-task Learning)"
     default_scope = "all"  # LibMTL balances every shared parameter
     needs_losses = True  # IMTL-L's scales (the default hybrid); IMTL-G alone does not
@@ -101,6 +102,7 @@ class AlignedMTL(GramBalancer):
     """
 
     name = "aligned-mtl"
+    split_rows = True  # rows split over processes: docs/design.md, "Several processes"
     paper = "Senushkin et al., CVPR 2023 (arXiv 2305.19000)"
     default_scope = "all"  # LibMTL balances every shared parameter
 
@@ -133,6 +135,7 @@ class NashMTL(GramBalancer):
     """
 
     name = "nash-mtl"
+    split_rows = True  # rows split over processes: docs/design.md, "Several processes"
     paper = "Navon et al., ICML 2022 (arXiv 2202.01017)"
     default_scope = "all"  # the official code and LibMTL balance every shared parameter
 

@@ -26,6 +26,7 @@ class MetaBalance(GradBalancer):
     """
 
     name = "metabalance"
+    split_rows = True  # rows split over processes: docs/design.md, "Several processes"
     paper = "He et al., WWW 2022 (arXiv 2203.06801)"
     default_scope = "all"  # the official code balances the embedding tables too
     default_groups = "part"  # "each part of the network": one norm per parameter tensor of an unfused model

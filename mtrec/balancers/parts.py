@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from mtrec.balancers.base import exact_matmul, rows, tensor_grams, weighted_sum
+from mtrec.balancers.base import exact_matmul, row_sum, rows, rows_are_split, tensor_grams, weighted_sum
 
 
 @dataclass
@@ -49,14 +49,16 @@ def group_norms(grads: list[Tensor], parts: Parts | None = None) -> Tensor:
     """Per group, each task's gradient norm: ``[G, T]`` fp32 (G = tensors, or parts)."""
     T = grads[0].shape[0]
     if parts is None:
-        return torch.stack([torch.linalg.vector_norm(g.reshape(T, -1), dim=1, dtype=torch.float32) for g in grads])
+        norms = torch.stack([torch.linalg.vector_norm(g.reshape(T, -1), dim=1, dtype=torch.float32) for g in grads])
+        # Rows split over processes: the squares are summed over the ranks (one all-reduce of G x T).
+        return row_sum(norms.square()).sqrt() if rows_are_split() else norms
     out = []
     for g, count, ids in zip(grads, parts.counts, parts.ids):
         if count == 1:
             out.append(torch.linalg.vector_norm(g.reshape(1, T, -1), dim=2, dtype=torch.float32) ** 2)
         else:
             out.append(_by_part(_slices(g).square().sum(2).T, count, ids))
-    return torch.cat(out).sqrt()
+    return row_sum(torch.cat(out)).sqrt()
 
 
 def group_grams(grads: list[Tensor], parts: Parts | None = None) -> Tensor:
@@ -72,7 +74,7 @@ def group_grams(grads: list[Tensor], parts: Parts | None = None) -> Tensor:
             else:
                 x = _slices(g).transpose(0, 1)  # [n0, T, rest]
                 out.append(_by_part(torch.bmm(x, x.transpose(1, 2)), count, ids))
-    return torch.cat(out)
+    return row_sum(torch.cat(out))
 
 
 def group_weighted_sum(grads: list[Tensor], weights: Tensor, parts: Parts | None = None) -> list[Tensor]:

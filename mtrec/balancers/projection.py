@@ -55,6 +55,7 @@ class PCGrad(GramBalancer):
     """
 
     name = "pcgrad"
+    split_rows = True  # rows split over processes: docs/design.md, "Several processes"
     paper = "Yu et al., NeurIPS 2020 (arXiv 2001.06782)"
     default_scope = "all"  # the reference projects every shared parameter (LibMTL: the whole encoder)
 
@@ -97,6 +98,7 @@ class GradVac(GradBalancer):
     """
 
     name = "gradvac"
+    split_rows = True  # rows split over processes: docs/design.md, "Several processes"
     paper = "Wang et al., ICLR 2021 (arXiv 2010.05874)"
     default_scope = "all"  # LibMTL balances the whole encoder
     lazy_buffers = ("rho_hat",)

@@ -109,6 +109,7 @@ class MGDA(GramBalancer):
     """
 
     name = "mgda"
+    split_rows = True  # rows split over processes: docs/design.md, "Several processes"
     paper = "Sener & Koltun, NeurIPS 2018 (arXiv 1810.04650)"
     default_scope = "representation"
     alpha_on_heads = True  # the authors' trainer backpropagates sum_t alpha_t L_t
@@ -157,6 +158,7 @@ class CAGrad(GramBalancer):
     """
 
     name = "cagrad"
+    split_rows = True  # rows split over processes: docs/design.md, "Several processes"
     paper = "Liu et al., NeurIPS 2021 (arXiv 2110.14048)"
     default_scope = "all"  # the official code and LibMTL balance every shared parameter
     eps = 1e-8

@@ -1,4 +1,5 @@
-"""The researcher's commands: ``mtrec compare`` (a grid of runs and its summary) and ``mtrec plot``.
+"""The researcher's commands: ``mtrec compare`` (a grid of runs and its summary), ``mtrec race``
+(a budgeted race of balancer settings) and ``mtrec plot``.
 
 Registered on the one Typer app through ``mtrec.cli.app.command`` (one place for exit codes).
 """
@@ -105,6 +106,93 @@ def render_summary(summary: dict) -> None:
                                f"samples/s ratio to {summary['baseline']})", header, rows))
     for line in failure_lines(summary):
         err_console.print(f"failed: {line}", markup=False, highlight=False, soft_wrap=True)
+
+
+@command("race")
+def race(
+    ctx: typer.Context,
+    data: Annotated[Optional[str], typer.Argument(help="Directory made by mtrec preprocess (first, before any flag).")] = None,
+    balancers: Annotated[str, typer.Option(help="Comma-separated balancers (ew and the single-task model always race).")] = "ew",
+    grid: Annotated[Optional[list[str]], typer.Option(
+        help="A balancer's settings to race, balancer:param=v1,v2 (repeat; one balancer's params form a product).")] = None,
+    budget: Annotated[int, typer.Option(help="Epochs of a run that races to the end (rungs: 1, 2, 4, ..., budget).")] = 4,
+    seeds: Annotated[str, typer.Option(help="Comma-separated seeds; every arm trains on all of them (paired).")] = "1,2,3",
+    target: Annotated[Optional[str], typer.Option(help="The target task.")] = None,
+    model: Annotated[str, typer.Option(help="The multi-task model of the arms.")] = "mmoe",
+    eta: Annotated[int, typer.Option(help="Successive halving: at most 1/eta of a rung's arms go on (1: only the interval rule).")] = 2,
+    full_grid: Annotated[bool, typer.Option(help="Stop no arm: train the whole grid to the budget (to check a race).")] = False,
+    out: Annotated[Optional[Path], typer.Option(help="Race directory: one run directory per arm and seed.")] = None,
+    jobs: Annotated[int, typer.Option(help="Runs trained at once (the cores are divided between them).")] = 1,
+    summarize: Annotated[Optional[Path], typer.Option(help="Only recompute the result of this race directory.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+):
+    """Race balancer x setting arms (plus EW and the single-task model) on the validation split with
+    successive halving and paired intervals, then score the winner, EW and the single-task model on
+    the test split once; writes result.json and the winner's train.toml. Re-running continues a race."""
+    from mtrec.research import race as racing
+    from mtrec.research.race_runner import RaceInterrupted, run_race
+
+    if summarize is not None:
+        if ctx.args or data:
+            raise UserError("--summarize DIR takes no DATA and no train flags (only --json)")
+        result = racing.summarize(summarize)
+        racing.write_result(result, summarize)
+    else:
+        if not data:
+            raise UserError("missing DATA: the directory made by mtrec preprocess (or pass --summarize DIR)")
+        if out is None:
+            raise UserError("--out is required: the race directory to create or continue")
+        if jobs < 1:
+            raise UserError("--jobs must be at least 1")
+        settings = racing.make_race(data, split_list(balancers), list(grid or []), _seeds(seeds), budget, target or "",
+                                    model, eta, list(ctx.args), _train_options(), full_grid)
+        racing.check_same_race(out, settings)
+        try:
+            result = run_race(settings, out, jobs=jobs, say=_say)
+        except RaceInterrupted:
+            _say("interrupted: the running runs saved their checkpoints; run the same command again to continue")
+            raise typer.Exit(130) from None
+    if as_json:
+        print(json.dumps(result, indent=2))
+    else:
+        render_race(result)
+    failed = [a["arm"] for a in result["arms"] if a["stopped_by"] == "failed"]
+    if failed or not result["complete"] or (result["winner"] and result["test"] is None):
+        raise typer.Exit(1)
+
+
+next(c for c in app.registered_commands if c.name == "race").context_settings = {
+    "allow_extra_args": True, "ignore_unknown_options": True}
+
+
+def render_race(result: dict) -> None:
+    """The ranking of the arms (validation, paired interval at the rung each stopped), the test
+    gains of the winner, the compute spent and the verdict."""
+    from mtrec.research.compare import fmt, fmt_diff
+    from mtrec.research.race import verdict
+
+    metric = result["metric"]
+    header = ["rank", "arm", "stopped at", "why", f"valid {metric} (mean)", "Δ vs best there [95% CI]", "epochs"]
+    rows = [[str(a["rank"]), a["arm"], "-" if a["stopped_at"] is None else f"epoch {a['stopped_at']}",
+             a["stopped_by"] or ("winner" if a["arm"] == result["winner"] else "finished"), fmt(a["valid_mean"]),
+             "-" if a["arm"] == a["against"] else fmt_diff(a["interval"]), str(a["epochs_trained"])]
+            for a in result["arms"]]
+    console.print(simple_table(f"race on {result['target']} (validation {metric}, best so far at the arm's last "
+                               f"rung; Δ paired over seeds, * excludes 0)", header, rows))
+    test = result["test"]
+    if test:
+        header = ["arm", f"test {metric} (mean ± sd)", "winner minus it [95% CI]"]
+        rows = []
+        for name, stats in test["arms"].items():
+            gain = test.get(f"gain_over_{name}") if name != result["winner"] else None
+            spread = "" if stats["std"] is None else f" ± {fmt(stats['std'])}"
+            rows.append([name, fmt(stats["mean"]) + spread, fmt_diff(gain) if gain else "-"])
+        console.print(simple_table(f"test split, scored once: winner {result['winner']}", header, rows))
+    console.print(f"compute: {result['epochs_spent']} of the full grid's {result['full_grid_epochs']} epochs "
+                  f"({result['compute_fraction']:.0%})")
+    console.print(verdict(result), markup=False, highlight=False)
+    if result["config"]:
+        console.print(f"the winner's settings: {result['config']} (mtrec train --config FILE)")
 
 
 @command("plot")

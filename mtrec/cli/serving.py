@@ -1,4 +1,4 @@
-"""``mtrec evaluate`` and ``mtrec predict``: scoring a trained run."""
+"""``mtrec evaluate``, ``mtrec predict`` and ``mtrec export``: scoring a trained run, and serving it."""
 
 from __future__ import annotations
 
@@ -57,3 +57,22 @@ def predict(
     result = predict_log(run_dir, raw, out, keep=None if keep is None else split_list(keep), which=checkpoint,
                          device=device, data=data, force=force)
     console.print(f"wrote {result['rows']:,} rows to {result['out']} ({', '.join(result['columns'])})")
+
+
+@command()
+def export(
+    run_dir: Annotated[str, typer.Argument(help="Run directory made by mtrec train.")],
+    out: Annotated[Path, typer.Option(help="ONNX file to write.")],
+    checkpoint: Annotated[str, typer.Option(help="best or last.")] = "best",
+    format: Annotated[str, typer.Option("--format", help="onnx (the only format).")] = "onnx",
+    codes: Annotated[bool, typer.Option(help="The network alone, on encoded codes (for teams with their own encoder).")] = False,
+    force: Annotated[bool, typer.Option(help="Overwrite an existing --out written by mtrec export.")] = False,
+):
+    """Export the run as one ONNX graph: raw feature columns in, p_<task> out (docs/serving.md)."""
+    from mtrec.serving.export import export_run
+
+    if checkpoint not in ("best", "last"):
+        raise UserError("--checkpoint must be best or last")
+    result = export_run(run_dir, out, which=checkpoint, fmt=format, codes_only=codes, force=force)
+    console.print(f"wrote {result['out']} ({result['bytes']:,} bytes, {result['format']} inputs: "
+                  f"{len(result['inputs'])}; outputs: {', '.join(result['outputs'])})")

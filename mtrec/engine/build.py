@@ -72,6 +72,8 @@ def build_run(cfg: TrainConfig) -> Run:
     categorical, numeric = feature_names(schema)
     placement = data_placement(cfg, ParquetSplit(Path(cfg.data) / "train.parquet", categorical, numeric, tasks),
                                device)
+    if group:  # decided by rank 0 from its memory: every rank must walk the same global batches
+        placement = group.agree(placement)
     return Run(dataclasses.replace(cfg, tasks=tasks, scope=scope, balance_groups=groups), schema, tasks,
                objective_for(cfg, tasks), device, group, model, balancer,
                make_optimizer(model, balancer, cfg, device), autocast_dtype(cfg, device), placement)
@@ -120,12 +122,11 @@ def balance_scope(cfg: TrainConfig, model, balancer, group) -> str:
         reason = f" ({balancer.scope_reason})" if balancer.scope_reason else ""
         raise UserError(f"{cfg.balancer} cannot run with --balance-scope {scope}: use {' or '.join(balancer.scopes)}"
                         f"{reason}")
-    if group and balancer.kind == "grad" and scope != "shared":
-        # Touched rows and representation gradients are per-rank rows; balancing them across
-        # ranks would need a gather of variable-size tensors (not built yet).
-        default = "" if cfg.scope else f", {cfg.balancer}'s default"
-        raise UserError(f"with several processes, gradient balancers run in --balance-scope shared only "
-                        f"(not {scope}{default}): pass --balance-scope shared")
+    if group and balancer.kind == "grad" and scope == "representation" and not balancer.split_rows:
+        # Each rank holds its samples' rows; only a balancer that reads them through sums over rows
+        # (summed over the ranks) and row by row gives one process's result (docs/design.md).
+        raise UserError(f"{cfg.balancer} cannot run with --balance-scope representation across processes (it reads "
+                        "its gradients' rows beyond sums over them): use --balance-scope shared or all")
     return scope
 
 

@@ -6,6 +6,11 @@ rank scales its gradients by ``n_local / n_global`` and the ranks sum them: the 
 gradient of the global batch, the same on every rank, *before* the balancer runs. Every rank then
 applies the same update, and the run matches one process with the same global batch (up to the
 order of floating-point sums).
+
+Per scope (engine/step.py): ``shared`` sums the per-task gradients of the dense shared tensors;
+``all`` also the per-task gradients of the union of the rows every rank touched (``union``);
+``representation`` keeps each rank's rows (its samples) where they are, sums only what the balancer
+forms over rows (Grams, squared norms: ``summed``) and then the parameters' gradients.
 """
 
 from __future__ import annotations
@@ -38,6 +43,20 @@ class Group:
             n = t.numel()
             t.copy_(flat[offset:offset + n].view_as(t))
             offset += n
+
+    def summed(self, stat: Tensor) -> Tensor:
+        """A copy of ``stat`` summed over ranks (fp32; one all-reduce of its numel): the row sums a
+        balancer forms on this rank's rows of the global batch (``balancers.base.rows_split``)."""
+        total = stat.float().clone()
+        dist.all_reduce(total)
+        return total.to(stat.dtype)
+
+    def agree(self, choice: str) -> str:
+        """Rank 0's ``choice`` on every rank (a decision each rank would otherwise make from its
+        own state, e.g. the data placement from its free memory: one broadcast, once per run)."""
+        box = [choice]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
 
     def sum_grads_(self, params: list[Tensor], scale: float = 1.0) -> None:
         """``p.grad <- sum over ranks of scale * p.grad`` for every parameter, in one all-reduce.

@@ -81,7 +81,7 @@ class Trainer:
         if resume:
             self._restore()
         else:
-            self.run_dir.create(run.schema)
+            self.run_dir.create(run.schema, cfg.data)
         self.run_dir.write_config(self.cfg)  # on resume too: --epochs, --patience ... may have changed
 
     # --- the loop ---------------------------------------------------------------------------

@@ -117,13 +117,14 @@ class Objective:
         logits, labels = self.train_logits_labels(logits, labels)
         bce = F.binary_cross_entropy_with_logits(logits, labels, reduction="none")
         if not self.masked:
-            return bce.mean(0)
+            # A rank may get no row of a short last batch: its losses are 0 (share 0), not NaN.
+            return bce.mean(0) if bce.shape[0] else bce.sum(0)
         mask = self.row_mask(labels, self.train_ancestors)
         counts = mask.sum(0)
         if group is not None:
             total = counts.detach().clone()
             group.sum_([total])
-            return (bce * mask).sum(0) / total.clamp_min(1.0) / share
+            return (bce * mask).sum(0) / total.clamp_min(1.0) * (1 / share if share else 0.0)
         return (bce * mask).sum(0) / counts.clamp_min(1.0)
 
     def columns(self, logits: Tensor, labels: Tensor | None) -> list[Column]:

@@ -1,6 +1,9 @@
 """The run directory and its checkpoints.
 
 ``config.json`` (the resolved config), ``schema.json`` (a copy of the data's schema),
+``vocab/`` (hard links to, or copies of, the data's vocabulary files) and ``encoder.json`` (their
+content fingerprint, ``mtrec.data.fingerprint``): a run encodes raw logs on its own, whatever
+later happens to the data folder (docs/serving.md),
 ``metrics.jsonl`` (one line per epoch), ``diagnostics.jsonl`` (per-task gradient norms and cosines
 per shared tensor, every ``diagnostics_every`` steps), ``best.pt`` and ``last.pt`` (model,
 optimizer, balancer, RNG states and the loop's position; format in ``checkpoint``). Under torchrun
@@ -10,6 +13,7 @@ only rank 0 writes.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -17,6 +21,7 @@ import torch
 
 from mtrec.core.errors import UserError
 from mtrec.core.files import atomic_write_text
+from mtrec.data.fingerprint import encoder_fingerprint, vocab_files
 from mtrec.engine import checkpoint
 from mtrec.engine.build import Run
 
@@ -50,13 +55,15 @@ class RunDir:
         if not (self.path / "last.pt").exists():
             raise UserError(f"nothing to resume in {self.path}: no last.pt (start a new run without --resume)")
 
-    def create(self, schema) -> None:
-        """A fresh directory (what check_new allowed to replace is removed) with the schema's copy."""
+    def create(self, schema, data: str | Path) -> None:
+        """A fresh directory (what check_new allowed to replace is removed) with the schema's copy
+        and the encoder's: the data's vocabulary files and their fingerprint."""
         if self.main:
             if self.path.exists():
                 shutil.rmtree(self.path)
             self.path.mkdir(parents=True)
             atomic_write_text(self.path / "schema.json", json.dumps(schema.to_dict(), indent=2))
+            copy_encoder(schema, Path(data) / "vocab", self.path)
 
     def write_config(self, cfg) -> None:
         if self.main:
@@ -99,6 +106,33 @@ class RunDir:
         if "rng_cuda" in state and run.device.type == "cuda":
             torch.cuda.set_rng_state(state["rng_cuda"].cpu(), run.device)
         return meta
+
+
+ENCODER = "encoder.json"
+
+
+def copy_encoder(schema, vocab_dir: Path, run_dir: Path) -> dict:
+    """Hard-link (or, across file systems, copy) the vocabulary files into ``run_dir/vocab`` and
+    write ``encoder.json`` with their fingerprint. preprocess never rewrites a file in place (it
+    renames a new directory over the old one), so a link keeps the bytes the run trained with; a
+    link costs no space, a copy the vocabularies' size."""
+    target = run_dir / "vocab"
+    target.mkdir()
+    linked, size = True, 0
+    for source in vocab_files(schema, vocab_dir):
+        if not source.is_file():
+            raise UserError(f"vocabulary {source} is missing: the data directory is incomplete, "
+                            "re-run mtrec preprocess")
+        size += source.stat().st_size
+        try:
+            os.link(source, target / source.name)
+        except OSError:
+            linked = False
+            shutil.copy2(source, target / source.name)
+    record = {"format": "mtrec-encoder", "version": 1, "fingerprint": encoder_fingerprint(schema, target),
+              "vocab_bytes": size, "linked": linked}
+    atomic_write_text(run_dir / ENCODER, json.dumps(record, indent=2) + "\n")
+    return record
 
 
 def _all_finite(params) -> bool:

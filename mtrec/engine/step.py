@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mtrec.balancers.base import Balancer, LossBalancer, tensor_grams
+from mtrec.balancers.base import Balancer, LossBalancer, rows_split, tensor_grams
 from mtrec.balancers.parts import Parts
 from mtrec.core.console import err_console
 from mtrec.engine import hvp
@@ -195,18 +195,30 @@ class Stepper:
         losses = self._losses(logits, b)
         grads = self.grads(losses, leaves + self.task_params)
         rep_grads, task_grads = grads[:len(leaves)], grads[len(leaves):]
-        combined, inputs_finite = self._combine(rep_grads, losses.detach())
+        losses = losses.detach()
+        if self.group:
+            # Each rank keeps its own samples' rows, scaled to the global batch's mean; the balancer's
+            # sums over rows are summed over the ranks (``_combine``), the parameters' gradients below.
+            rep_grads = [g * b.share for g in rep_grads]
+            task_grads = [g * b.share for g in task_grads]
+            losses = self.group.global_losses(losses, b.share)
+        combined, inputs_finite = self._combine(rep_grads, losses, split_rows=self.group is not None)
         if diagnose:
-            self._diagnose(rep_grads, combined)
+            self._diagnose(rep_grads, combined)  # under torchrun: rank 0's rows (the loop samples on rank 0 only)
         torch.autograd.backward(list(z), [c.to(t.dtype) for c, t in zip(combined, z)])
+        heads = self._set_task_grads(task_grads)
+        if self.group:  # each rank's rows reached the shared part: one all-reduce of every gradient
+            self._sum_model_grads()
         # The shared part's gradients come from this backward of the balancer's output: what the
         # optimizer would apply there is checked, not only the balancer's inputs.
         applied = [p.grad for p in model.parameters() if p.grad is not None]
-        heads = self._set_task_grads(task_grads)
-        return losses.detach(), inputs_finite & self._finite(losses, task_grads + combined + applied + heads)
+        return losses, inputs_finite & self._finite(losses, task_grads + combined + applied + heads)
 
     def _shared(self, b: Batch, diagnose: bool):
         e, losses, shared_grads, task_grads, e_grads = self._per_task(b)
+        if self.group:  # the global batch's per-task gradients, before the balancer sees them
+            self.group.sum_(shared_grads + task_grads, b.share)
+            losses = self.group.global_losses(losses, b.share)
         combined, inputs_finite = self._combine(shared_grads, losses, **self._parts(), **self._hvp(b))
         e.backward(e_grads.sum(0))  # the embedding rows get the plain sum of the tasks' gradients
         if self.group:
@@ -220,8 +232,18 @@ class Stepper:
         table = self.model.embedding.table.weight
         # Per-task gradients of the touched rows [T, U, d]: never a dense per-task copy of the table.
         touched, where = torch.unique(self.model.embedding.rows(b.codes).flatten(), return_inverse=True)
+        if self.group:
+            # The rows one process with the global batch touches: the union of every rank's (padded
+            # all-gathers); each rank adds its rows' gradients at their place in it, and one
+            # all-reduce sums them with the dense per-task gradients.
+            union = self.group.union(touched)
+            where = torch.searchsorted(union, touched)[where]
+            touched = union
         row_grads = e_grads.new_zeros((self.num_tasks, touched.numel(), table.shape[1]))
         row_grads.index_add_(1, where, e_grads.flatten(1, 2))
+        if self.group:
+            self.group.sum_(shared_grads + task_grads + [row_grads], b.share)
+            losses = self.group.global_losses(losses, b.share)
         combined, inputs_finite = self._combine(shared_grads + [row_grads], losses, **self._parts(touched),
                                                 **self._hvp(b, (touched, where)))
         rows_grad = combined[-1].to(table.dtype)
@@ -235,9 +257,9 @@ class Stepper:
 
     # --- pieces the scopes share -----------------------------------------------------------------
     def _per_task(self, b: Batch):
-        """Forward with the lookup output as a leaf: (the lookup output, the losses, and the per-task
-        gradients of the shared parameters, of the task parameters and of the looked-up rows;
-        the first two summed over ranks under torchrun)."""
+        """Forward with the lookup output as a leaf: (the lookup output, the detached losses, and the
+        per-task gradients of the shared parameters, of the task parameters and of the looked-up
+        rows), this rank's under torchrun."""
         model = self.model
         with self.autocast:
             e = model.embed(b.codes)
@@ -245,22 +267,21 @@ class Stepper:
             logits = model.decode(model.encode(leaf, b.numeric, b.codes))
         losses = self._losses(logits, b)
         grads = self.grads(losses, self.shared_params + self.task_params + [leaf])
-        detached = losses.detach()
-        if self.group:  # the global batch's per-task gradients, before the balancer sees them
-            self.group.sum_(grads[:-1], b.share)
-            detached = self.group.global_losses(detached, b.share)
         k = len(self.shared_params)
-        return e, detached, grads[:k], grads[k:-1], grads[-1]
+        return e, losses.detach(), grads[:k], grads[k:-1], grads[-1]
 
-    def _combine(self, inputs: list[Tensor], losses: Tensor, **parts) -> tuple[list[Tensor], Tensor]:
+    def _combine(self, inputs: list[Tensor], losses: Tensor, split_rows: bool = False,
+                 **parts) -> tuple[list[Tensor], Tensor]:
         """The balancer's output, and a device flag: were its inputs finite? Non-finite inputs are
         replaced by zeros for the balancer (which every method handles), so no solver sees NaN and
         the skip is decided once, after the step's gradients exist; the state a skipped step
-        changed is restored by ``step``."""
+        changed is restored by ``step``. ``split_rows``: the inputs' rows are this rank's share
+        of the global batch's, and the balancer's sums over rows are summed over the ranks."""
         finite = self._finite(losses, inputs)
         zero = torch.zeros((), device=losses.device)
         safe = [torch.where(finite, g.float(), zero) for g in inputs]
-        return self.balancer.combine(safe, torch.where(finite, losses, 1.0), **parts), finite
+        with rows_split(self.group.summed) if split_rows else contextlib.nullcontext():
+            return self.balancer.combine(safe, torch.where(finite, losses, 1.0), **parts), finite
 
     def _set_shared_grads(self, combined: list[Tensor], shared_grads: list[Tensor], diagnose: bool) -> None:
         if diagnose:
@@ -313,6 +334,14 @@ class Stepper:
             total = total.reshape(1)
             self.group.sum_([total])
         return torch.isfinite(total).reshape(())
+
+    def _sum_model_grads(self) -> None:
+        """Scope ``representation`` under torchrun: every model parameter's gradient summed over the
+        ranks (each holds its rows' part of the global batch's gradient, already scaled)."""
+        for table in embedding_tables(self.model):
+            if table.sparse and table.weight.grad is None:  # sparse on every rank, even with no rows here
+                table.weight.grad = empty_row_grad(table.weight)
+        self.group.sum_grads_(list(self.model.parameters()))
 
     def _param_grads(self, share: float) -> list[Tensor]:
         """The gradients of every optimized parameter; under several processes first summed

@@ -35,21 +35,27 @@ def split_metrics(model, split: Split, objective, batch_size: int, k: int) -> di
     tasks over the rows where their condition holds; ESMM adds ``ctcvr``), plus the mean over the
     tasks. ``objective``: a ``mtrec.engine.objective.Objective`` (which tasks, which conditions)."""
     logits = predict(model, split, batch_size)
-    users = None if split.users is None else split.users.to(logits.device)
+    return logits_metrics(logits, split.labels, split.users, objective, k)
+
+
+def logits_metrics(logits, labels, users, objective, k: int) -> dict:
+    """``split_metrics`` of logits ``[N, T]`` already computed (e.g. chunk by chunk) against labels
+    ``[N, T]`` and user groups ``[N]`` (or None)."""
+    users = None if users is None else users.to(logits.device)
     per_task = {}
-    for column in objective.columns(logits, split.labels.to(logits.device)):
-        scores, labels, groups = column.logits, column.labels, users
+    for column in objective.columns(logits, labels.to(logits.device)):
+        scores, truth, groups = column.logits, column.labels, users
         if column.rows is not None:
-            scores, labels = scores[column.rows], labels[column.rows]
+            scores, truth = scores[column.rows], truth[column.rows]
             groups = None if users is None else users[column.rows]
-        (row,) = metrics.task_metrics(scores, labels, groups, k=k)
+        (row,) = metrics.task_metrics(scores, truth, groups, k=k)
         per_task[column.name] = {"auc": row["auc"], "gauc": row["gauc"], "logloss": row["logloss"],
                                  "ndcg": row[f"ndcg@{k}"], "positive_rate": row["positive_rate"], "n": row["n"],
                                  "condition": column.condition}
     tasks = [per_task[t] for t in objective.tasks if t in per_task]
     keys = ("auc", "gauc", "logloss", "ndcg", "positive_rate")
     per_task["mean"] = {key: _mean([r[key] for r in tasks]) for key in keys}
-    per_task["mean"]["n"] = len(split)
+    per_task["mean"]["n"] = len(logits)
     return per_task
 
 

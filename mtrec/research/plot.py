@@ -90,6 +90,44 @@ def tradeoff_points(summary: dict, metric: str) -> dict[str, list[tuple]]:
     return points
 
 
+def race_series(summary: dict) -> dict[str, dict]:
+    """{arm: {"epochs", "means", "stopped_at", "winner"}}: each arm's mean validation value (best so
+    far, over seeds) at every rung it was compared at, in the race's ranking order."""
+    series = {}
+    for arm in summary["arms"]:
+        rungs = sorted(arm["valid_by_rung"], key=int)
+        if rungs:
+            series[arm["arm"]] = {"epochs": [int(e) for e in rungs], "means": [arm["valid_by_rung"][e] for e in rungs],
+                                  "stopped_at": arm["stopped_at"], "winner": arm["arm"] == summary["winner"]}
+    return series
+
+
+def label_groups(points: list[tuple[str, float, float]], tolerance: float = 0.02) -> list[tuple[str, float, float]]:
+    """Labels of points that would hide each other, joined: points closer than ``tolerance`` of
+    the axes' spans (in both x and y) share one label "a, b" at their first point's position."""
+    if not points:
+        return []
+    xs, ys = [p[1] for p in points], [p[2] for p in points]
+    xspan, yspan = (max(xs) - min(xs)) or 1.0, (max(ys) - min(ys)) or 1.0
+    groups: list[list[tuple[str, float, float]]] = []
+    for point in points:
+        for group in groups:
+            head = group[0]
+            if abs(point[1] - head[1]) <= tolerance * xspan and abs(point[2] - head[2]) <= tolerance * yspan:
+                group.append(point)
+                break
+        else:
+            groups.append([point])
+    return [(", ".join(p[0] for p in group), group[0][1], group[0][2]) for group in groups]
+
+
+def wrapped(text: str, width: int = 48) -> str:
+    """A long axis label over several lines, broken after commas or spaces."""
+    import textwrap
+
+    return "\n".join(textwrap.wrap(text, width)) or text
+
+
 # --- drawing -------------------------------------------------------------------------------------
 def _new_figure(panels: int, width: float = 4.2, height: float = 3.2):
     import matplotlib
@@ -188,11 +226,14 @@ def _figure_tradeoff(points: dict, summary: dict, metric: str, out: Path) -> lis
         xerr = [0.0 if r[2] is None else r[2] for r in rows]
         yerr = [0.0 if r[4] is None else r[4] for r in rows]
         ax.errorbar([r[1] for r in rows], [r[3] for r in rows], xerr=xerr, yerr=yerr, fmt="o", capsize=3, label=model)
-        for r in rows:
-            ax.annotate(r[0], (r[1], r[3]), textcoords="offset points", xytext=(4, 4), fontsize="small")
+    # Coincident points (e.g. two balancers with the same means) share one label instead of hiding it.
+    labelled = [(f"{r[0]} ({model})" if len(points) > 1 else r[0], r[1], r[3]) for model, rows in points.items()
+                for r in rows]
+    for label, x, y in label_groups(labelled):
+        ax.annotate(label, (x, y), textcoords="offset points", xytext=(4, 4), fontsize="small")
     name = METRIC_NAMES[metric]
     ax.set_xlabel(f"target ({summary['target']}) test {name}")
-    ax.set_ylabel(f"mean auxiliary test {name} ({', '.join(summary['tasks'][1:])})")
+    ax.set_ylabel(wrapped(f"mean auxiliary test {name} ({', '.join(summary['tasks'][1:])})", 40))
     ax.legend(fontsize="small")
     ax.set_title("target versus auxiliary tasks (error bars: sd over seeds)")
     return _save(fig, out, f"tradeoff_{metric}")
@@ -208,11 +249,14 @@ def plot(source: Path, out: Path, metric: str = "auc") -> tuple[list[Path], list
         import matplotlib  # noqa: F401
     except ImportError:
         raise UserError("mtrec plot needs matplotlib: pip install 'mtrec[plot]'") from None
+    if (source / "race.json").exists():
+        return _plot_race(source, Path(out)), []
     if (source / "compare.json").exists():
         return _plot_compare(source, Path(out), metric), []
     if (source / "config.json").exists():
         return _plot_run(source, Path(out))
-    raise UserError(f"{source} is neither a run directory (config.json) nor a compare directory (compare.json)")
+    raise UserError(f"{source} is not a run directory (config.json), a compare directory (compare.json) or a "
+                    "race directory (race.json)")
 
 
 def _plot_run(run: Path, out: Path) -> tuple[list[Path], list[str]]:
@@ -275,3 +319,28 @@ def _plot_compare(directory: Path, out: Path, metric: str) -> list[Path]:
     if len(summary["tasks"]) > 1:
         written += _figure_tradeoff(tradeoff_points(summary, metric), summary, metric, out)
     return written
+
+
+def _plot_race(directory: Path, out: Path) -> list[Path]:
+    """The race: each arm's mean validation value per rung, a cross where it was stopped, the
+    winner drawn thick; the metric is the race's (--select), not --metric."""
+    from mtrec.research.race import summarize
+
+    summary = summarize(directory)
+    series = race_series(summary)
+    if not series:
+        raise UserError(f"{directory} has no decided rung yet: run mtrec race first")
+    out.mkdir(parents=True, exist_ok=True)
+    fig, (ax,) = _new_figure(1, width=7.0, height=4.5)
+    for arm, line in series.items():
+        drawn = ax.plot(line["epochs"], line["means"], marker="o", linewidth=2.8 if line["winner"] else 1.2,
+                        label=arm + (" (winner)" if line["winner"] else ""))
+        if line["stopped_at"] is not None:
+            ax.plot([line["epochs"][-1]], [line["means"][-1]], marker="x", markersize=11, color=drawn[0].get_color())
+    ax.set_xticks(summary["rungs"])
+    ax.set_xlabel("epoch (rung)")
+    ax.set_ylabel(f"validation {METRIC_NAMES[summary['metric']]} of {summary['target']} (mean over seeds)")
+    ax.legend(fontsize="small", loc="center left", bbox_to_anchor=(1.02, 0.5))
+    ax.set_title(wrapped(f"race: x = stopped; {summary['epochs_spent']} of {summary['full_grid_epochs']} "
+                         f"epochs of the full grid ({summary['compute_fraction']:.0%})", 60))
+    return _save(fig, out, f"race_{summary['metric']}")

@@ -1,4 +1,7 @@
-"""``mtrec evaluate``: rebuild a saved run and score a split (or raw logs) with ``mtrec.metrics.split``."""
+"""``mtrec evaluate``: rebuild a saved run and score a split (or raw logs) with ``mtrec.metrics.split``.
+
+A split is scored if its data folder still has the run's encoder fingerprint (``serving.encoder``);
+a raw log is encoded with the run's own vocabularies and scored chunk by chunk."""
 
 from __future__ import annotations
 
@@ -6,14 +9,18 @@ import json
 from pathlib import Path
 
 import polars as pl
+import torch
 
 from mtrec.core.console import err_console
 from mtrec.core.errors import UserError
 from mtrec.data.stream import ParquetSplit
-from mtrec.data.tensors import Split, fits_on_device, frame_to_split
+from mtrec.data.tensors import frame_to_split
 from mtrec.engine import checkpoint
 from mtrec.engine.build import build_for, feature_names, objective_for, resolve_device
-from mtrec.metrics.split import split_metrics
+from mtrec.metrics.split import logits_metrics, predict, split_metrics
+from mtrec.serving.encoder import check_encoded_data, run_encoder
+
+CHUNK_ROWS = 1 << 18
 
 
 def load_run(run_dir: str | Path, which: str = "best", device: str = "cpu"):
@@ -42,52 +49,56 @@ def load_run(run_dir: str | Path, which: str = "best", device: str = "cpu"):
 
 
 def evaluate_run(run_dir: str | Path, data: str | None = None, raw: str | None = None, split: str = "test",
-                 device: str = "auto", which: str = "best") -> dict:
-    from mtrec.data.schema import Schema
-
+                 device: str = "auto", which: str = "best", chunk_rows: int = CHUNK_ROWS) -> dict:
     dev = resolve_device(device)
     model, cfg, tasks, run_schema = load_run(run_dir, which, dev)
-    data_dir = Path(data or cfg.data)
-    categorical, numeric = feature_names(run_schema)
+    objective = objective_for(cfg, tasks)
     if raw is not None:
-        from mtrec.data.encode import encode, read_raw
-
-        data_schema = Schema.load(data_dir)
-        check_same_schema(run_schema, data_schema, data_dir)
-        log = read_raw(raw)
-        present = set(log.collect_schema())
-        scored = [t for t in tasks if t in present]
-        if not scored:
-            raise UserError(f"{raw} has none of the label columns {', '.join(tasks)}: pass a labelled log, or "
-                            "score an unlabelled one with mtrec predict")
-        frame = encode(log, data_schema, data_dir / "vocab", labels=scored).collect(engine="streaming")
-        if frame.height == 0:
-            raise UserError(f"{raw} has no rows")
-        # Absent labels become NaN columns, and the tasks (or conditions) that need them are not scored.
-        frame = frame.with_columns(pl.lit(float("nan"), pl.Float32).alias(t) for t in tasks if t not in present)
-        part = frame_to_split(frame, categorical, numeric, tasks)
-        label = f"raw {raw}"
+        result, label = _raw_metrics(model, cfg, tasks, run_dir, run_schema, objective, raw, data, chunk_rows)
     else:
         if split not in ("train", "valid", "test"):
             raise UserError(f"--split must be train, valid or test, not {split!r}")
-        check_same_schema(run_schema, Schema.load(data_dir), data_dir)
+        data_dir = Path(data or cfg.data)
+        check_encoded_data(run_dir, run_schema, data_dir)
+        categorical, numeric = feature_names(run_schema)
         # scored row group by row group, whatever its size: only the logits, labels and users stay
         part = ParquetSplit(data_dir / f"{split}.parquet", categorical, numeric, tasks)
+        result = split_metrics(model, part, objective, cfg.eval_batch_size, cfg.ndcg_k)
         label = f"{split} split of {data_dir}"
-    if isinstance(part, Split) and fits_on_device(part, dev):
-        part = part.to(dev)  # else copied batch by batch
-    objective = objective_for(cfg, tasks)
-    if raw is not None:
-        objective.unscored = {t for t in tasks if t not in present}
-    result = split_metrics(model, part, objective, cfg.eval_batch_size, cfg.ndcg_k)
     return {"run": str(run_dir), "data": label, "tasks": tasks, "target": tasks[0], "ndcg_k": cfg.ndcg_k,
             "metrics": result}
 
 
-def check_same_schema(run_schema, data_schema, data_dir) -> None:
-    def shape(s):
-        return [(f.name, f.kind, f.vocab_size if f.kind != "numeric" else None) for f in s.features]
+def _raw_metrics(model, cfg, tasks, run_dir, run_schema, objective, raw, data, chunk_rows) -> tuple[dict, str]:
+    """Metrics of a raw log, encoded and scored chunk by chunk as predict does: only the logits,
+    labels and user groups of all rows stay (4T + 4T + 8 bytes a row), never the encoded features."""
+    from mtrec.data.encode import encode, read_raw
 
-    if shape(run_schema) != shape(data_schema) or not set(run_schema.labels) <= set(data_schema.labels):
-        raise UserError(f"the data in {data_dir} has other features or tasks than the run was trained on: "
-                        "evaluate on data made by the same mtrec preprocess run (or pass --raw logs)")
+    encoder = run_encoder(run_dir, cfg, run_schema, data)
+    categorical, numeric = feature_names(run_schema)
+    log = read_raw(raw)
+    present = set(log.collect_schema())
+    scored = [t for t in tasks if t in present]
+    if not scored:
+        raise UserError(f"{raw} has none of the label columns {', '.join(tasks)}: pass a labelled log, or "
+                        "score an unlabelled one with mtrec predict")
+    encoded = encode(log, encoder.schema, encoder.vocab_dir, labels=scored)
+    absent = [pl.lit(float("nan"), pl.Float32).alias(t) for t in tasks if t not in present]
+    logits, labels, users = [], [], []
+    try:
+        for chunk in encoded.collect_batches(chunk_size=chunk_rows, maintain_order=True):
+            if chunk.height == 0:
+                continue
+            # Absent labels become NaN columns, and the tasks (or conditions) that need them are not scored.
+            part = frame_to_split(chunk.with_columns(absent) if absent else chunk, categorical, numeric, tasks)
+            logits.append(predict(model, part, cfg.eval_batch_size))
+            labels.append(part.labels)
+            users.append(part.users)
+    except pl.exceptions.ComputeError as err:
+        raise UserError(f"reading {raw} failed ({str(err).splitlines()[0]}): check the log") from err
+    if not logits:
+        raise UserError(f"{raw} has no rows")
+    objective.unscored = {t for t in tasks if t not in present}
+    groups = None if users[0] is None else torch.cat(users)
+    result = logits_metrics(torch.cat(logits), torch.cat(labels), groups, objective, cfg.ndcg_k)
+    return result, f"raw {raw}"

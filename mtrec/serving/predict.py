@@ -43,47 +43,51 @@ def _check_out(out: Path, force: bool) -> None:
                         "choose another --out")
 
 
-def data_dir_of(cfg) -> Path:
-    """The encoded data directory (its vocabularies encode raw logs) of a run's config."""
-    path = Path(cfg.data)
-    if not (path / "schema.json").is_file():
-        raise UserError(f"the run's data directory {path} (with the vocabularies) is not there: pass --data DIR, "
-                        "the directory mtrec preprocess wrote for this run")
-    return path
+def check_keep(keep: list[str], outputs: list[str], frame: pl.LazyFrame) -> None:
+    """--keep columns: in the log, each once, none named like an output column."""
+    from mtrec.data.sources import column_list
+
+    repeated = sorted({c for c in keep if keep.count(c) > 1})
+    if repeated:
+        raise UserError(f"--keep names {', '.join(repeated)} more than once: name each column once")
+    clash = [c for c in keep if c in outputs]
+    if clash:
+        raise UserError(f"--keep column(s) {', '.join(clash)} would collide with the predictions "
+                        f"({', '.join(outputs)}): rename the column in the log, or leave it out of --keep")
+    missing = [c for c in keep if c not in frame.collect_schema()]
+    if missing:
+        raise UserError(f"--keep column(s) {', '.join(missing)} not in the log (columns: {column_list(frame)})")
 
 
 def predict_log(run_dir: str | Path, raw: list[str], out: str | Path, *, keep: list[str] | None = None,
                 which: str = "best", device: str = "auto", data: str | None = None, force: bool = False,
                 chunk_rows: int = CHUNK_ROWS) -> dict:
     from mtrec.data.encode import encode
-    from mtrec.data.schema import Schema
-    from mtrec.data.sources import column_list, scan_inputs
+    from mtrec.data.sources import scan_inputs
     from mtrec.data.tensors import frame_to_split
     from mtrec.engine.build import feature_names, objective_for, resolve_device
     from mtrec.engine.objective import CTCVR
     from mtrec.metrics.split import predict
-    from mtrec.serving.evaluate import check_same_schema, load_run
+    from mtrec.serving.encoder import run_encoder
+    from mtrec.serving.evaluate import load_run
 
     out = Path(out)
     _check_out(out, force)
     dev = resolve_device(device)
     model, cfg, tasks, run_schema = load_run(run_dir, which, dev)
-    data_dir = Path(data) if data else data_dir_of(cfg)
-    schema = Schema.load(data_dir)
-    check_same_schema(run_schema, schema, data_dir)
+    encoder = run_encoder(run_dir, cfg, run_schema, data)
+    schema = encoder.schema
+    objective = objective_for(cfg, tasks)
+    names = [f"p_{t}" for t in tasks] + ([f"p_{CTCVR}"] if objective.esmm else [])
     frame, files = scan_inputs(raw)
     if any(f.resolve() == out.resolve() for f in files):
         raise UserError(f"--out {out} is one of the inputs: choose another file")
     columns = frame.collect_schema()
     keep = [c for c in (schema.user, schema.item) if c and c in columns] if keep is None else keep
-    missing = [c for c in keep if c not in columns]
-    if missing:
-        raise UserError(f"--keep column(s) {', '.join(missing)} not in the log (columns: {column_list(frame)})")
+    check_keep(keep, names, frame)
     frame = frame.with_columns(pl.col(c).alias(_KEEP + c) for c in keep)
-    encoded = encode(frame, schema, data_dir / "vocab", labels=[], check=False, keep=tuple(_KEEP + c for c in keep))
+    encoded = encode(frame, schema, encoder.vocab_dir, labels=[], check=False, keep=tuple(_KEEP + c for c in keep))
     categorical, numeric = feature_names(run_schema)
-    objective = objective_for(cfg, tasks)
-    names = [f"p_{t}" for t in tasks] + ([f"p_{CTCVR}"] if objective.esmm else [])
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"

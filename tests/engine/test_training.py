@@ -42,8 +42,8 @@ def final_model(run: Path) -> dict:
 def test_run_directory_and_evaluate(data_dir, tmp_path):
     run = tmp_path / "run"
     mtrec("train", data_dir, *SMALL, "--epochs", "2", "--out", run)
-    assert sorted(p.name for p in run.iterdir()) == ["best.pt", "config.json", "diagnostics.jsonl", "last.pt",
-                                                      "metrics.jsonl", "schema.json"]
+    assert sorted(p.name for p in run.iterdir()) == ["best.pt", "config.json", "diagnostics.jsonl", "encoder.json",
+                                                      "last.pt", "metrics.jsonl", "schema.json", "vocab"]
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in lines] == [1, 2]
     assert list(lines[0]["valid"])[:3] == ["like", "click", "share"]  # target first

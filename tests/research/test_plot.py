@@ -156,7 +156,7 @@ def test_plot_errors_are_one_line(tmp_path):
     errors = [line for line in result.output.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "no gradient diagnostics" in errors[0] and "--diagnostics-every" in errors[0]
     assert not (tmp_path / "figs").exists()  # nothing half-written
-    with pytest.raises(UserError, match="neither a run directory"):
+    with pytest.raises(UserError, match="not a run directory .* or a race directory"):
         plot.plot(tmp_path, tmp_path / "figs")
     with pytest.raises(UserError, match="--metric must be one of"):
         plot.plot(tmp_path / "run", tmp_path / "figs", metric="ndcg")

@@ -63,9 +63,15 @@ def _integer_like(dtype: str) -> bool:
 
 
 def _hash_key(value: pl.Expr, dtype: str) -> pl.Expr:
-    """The raw value in the dtype family it had at fit time, so int32 vs int64 inputs hash alike."""
+    """The raw value in the dtype family it had at fit time, so int32 vs int64 inputs hash alike.
+
+    Integers become their value modulo 2**64 as a UInt64 (through Int128, which holds every Int64
+    and UInt64 value): an id below 2**63 hashes as it always did, and UInt64 ids up to 2**64 - 1 keep
+    distinct hashes (an Int64 cast made every id >= 2**63 null, so OOV). A value outside
+    [-2**63, 2**64) does not cast and is OOV."""
     if _integer_like(dtype):
-        return value.cast(pl.Int64, strict=False)
+        wide = value.cast(pl.Int128, strict=False)
+        return pl.when(wide < 0).then(wide + 2**64).otherwise(wide).cast(pl.UInt64, strict=False)
     if dtype.startswith("Float"):
         return value.cast(pl.Float64, strict=False)
     return value.cast(pl.String, strict=False)
@@ -242,14 +248,15 @@ def _dense_lookup(path: Path, feature: Feature) -> pl.Expr | None:
         return None
     lowest, highest = int(vocab["value"].min()), int(vocab["value"].max())
     span = highest - lowest + 1
-    if span > max(_DENSE_RANGE_FACTOR * vocab.height, _DENSE_RANGE_MIN):
-        return None
+    if highest >= 2**63 or span > max(_DENSE_RANGE_FACTOR * vocab.height, _DENSE_RANGE_MIN):
+        return None  # UInt64 ids past the Int64 range: the join (an Int128 table index costs 2.5x)
     table = np.full(span, OOV, dtype=np.int32)
     table[(vocab["value"] - lowest).to_numpy()] = vocab["code"].to_numpy()
-    raw = pl.col(feature.name).cast(pl.Int64)
+    # a UInt64 value >= 2**63 does not fit and becomes null here: not inside, so OOV (null raw -> PAD)
+    raw = pl.col(feature.name).cast(pl.Int64, strict=False)
     inside = (raw >= lowest) & (raw <= highest)
     found = pl.lit(pl.Series(table)).gather((raw - lowest).clip(0, span - 1))
-    return (pl.when(raw.is_null()).then(PAD).when(inside).then(found).otherwise(OOV)
+    return (pl.when(pl.col(feature.name).is_null()).then(PAD).when(inside).then(found).otherwise(OOV)
             .cast(pl.Int32).alias(feature.name))
 
 

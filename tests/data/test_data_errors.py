@@ -160,6 +160,9 @@ def test_bad_feature_spec(tmp_path, raw_path):
                         ("[features.price]\nkind = 'text'\n", "kind must be one of"),
                         ("[features.user_city]\nhash_buckets = 0\n", "at least 1"),
                         ("[features.user_city]\nhash_buckets = 8\nmin_count = 2\n", "both hash_buckets and min_count"),
+                        ("[features.price]\nfill = inf\n", "fill must be a finite number, got inf"),
+                        ("[features.price]\nfill = -inf\n", "fill must be a finite number, got -inf"),
+                        ("[features.price]\nfill = nan\n", "fill must be a finite number, got nan"),
                         ("[other]\nx = 1\n", "unknown section"),
                         ("[features.price\n", "not valid TOML")]:
         spec.write_text(text)

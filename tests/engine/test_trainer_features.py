@@ -1,6 +1,7 @@
 """What users expect of a trainer: the lr schedule, clipping in the loop, the selection metric, and
 a run directory that is safe to --force, to resume with other flags, and to move."""
 
+import dataclasses
 import json
 import math
 import shutil
@@ -38,7 +39,9 @@ def test_lr_factor_by_hand():
     assert [lr_factor("linear", 4, s, 10) for s in (4, 7, 9)] == [1.0, 0.5, pytest.approx(1 / 6)]
     assert lr_factor("cosine", 4, 7, 10) == pytest.approx(0.5)  # half way: cos(pi / 2) = 0
     assert lr_factor("cosine", 0, 9, 10) == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.9)))
-    assert lr_factor("linear", 0, 50, 10) == 0.0  # past the planned steps (more epochs on resume)
+    # past the planned steps (more epochs on resume): the rate of the last planned update, not 0
+    assert lr_factor("linear", 0, 50, 10) == lr_factor("linear", 0, 9, 10) == pytest.approx(0.1)
+    assert lr_factor("cosine", 4, 12, 10) == lr_factor("cosine", 4, 9, 10)
 
 
 def test_improves_follows_the_metric_direction():
@@ -61,6 +64,27 @@ def test_schedule_reaches_every_group_and_clipping_is_counted(data_dir, tmp_path
     assert result["clipped_steps"] == 2 * steps
     records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["clipped_steps"] for r in records] == [steps, 2 * steps]
+
+
+def test_resume_with_more_epochs_keeps_the_first_runs_schedule(data_dir, tmp_path, monkeypatch, capsys):
+    import mtrec.engine.loop as loop
+
+    factors = []
+    monkeypatch.setattr(loop, "set_lr", lambda optimizer, factor: factors.append(factor))
+    cfg = TrainConfig(data=str(data_dir), out=str(tmp_path / "run"), epochs=2, lr_schedule="cosine", **SMALL)
+    trainer = Trainer(cfg, quiet=True)
+    trainer.run()
+    steps = math.ceil(len(trainer.train_split) / cfg.batch_size)
+    planned = [lr_factor("cosine", 0, s, 2 * steps) for s in range(2 * steps)]
+    assert factors == planned and factors[-1] < 0.01
+    factors.clear()
+    Trainer(dataclasses.replace(cfg, epochs=3), resume=True, quiet=True).run()
+    # the third epoch continues at the finished schedule's final rate (re-planning over 3 epochs
+    # jumped back to about half the base rate: 0.5 * (1 + cos(pi * 2/3)) = 0.25 .. 0.5)
+    assert len(factors) == steps and set(factors) == {planned[-1]}
+    assert "planned over" in capsys.readouterr().err
+    checkpoint_meta = checkpoint.load(tmp_path / "run" / "last.pt")[1]
+    assert checkpoint_meta["schedule_steps"] == 2 * steps
 
 
 def test_select_logloss_keeps_the_epoch_with_the_lowest_target_logloss(data_dir, tmp_path):

@@ -140,6 +140,35 @@ def test_resume_honours_safe_flags_and_refuses_the_rest(data_dir, tmp_path):
     assert saved["epochs"] == 2 and saved["patience"] == 4 and saved["lr"] == 1e-3
 
 
+def _with(command: list[str], flag: str, value: str) -> list[str]:
+    at = command.index(flag) + 1
+    return command[:at] + [value] + command[at + 1:]
+
+
+def test_resume_accepts_the_same_command_and_names_what_really_changed(data_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").symlink_to(data_dir)
+    (tmp_path / "base.toml").write_text('model = "shared-bottom"\nexpert_sizes = [8]\n')
+    command = ["train", "data", "--target", "like", "--tasks", "click,like", "--epochs", "1", "--batch-size",
+               "512", "--embedding-dim", "4", "--lr", "0.001", "--balancer", "uw", "--config", "base.toml",
+               "--out", "run", "--quiet"]
+    code, output = invoke(*command)
+    assert code == 0, output
+    # the same command with --resume added (and more epochs) continues the run
+    code, output = invoke(*_with(command, "--epochs", "2"), "--resume", "run")
+    assert code == 0, output
+    assert [json.loads(x)["epoch"] for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    # a real change is refused, naming the setting with its saved and given values; --force too
+    code, output = invoke(*_with(command, "--lr", "0.01"), "--resume", "run")
+    assert code == 2 and "--lr (saved 0.001, given 0.01)" in output and "Traceback" not in output, output
+    (tmp_path / "other.toml").write_text('model = "mmoe"\n')
+    code, output = invoke("train", "--config", "other.toml", "--resume", "run")
+    assert code == 2 and "--model (saved 'shared-bottom', given 'mmoe')" in output, output
+    code, output = invoke(*command, "--resume", "run", "--force")
+    assert code == 2 and "pass one of the two" in output, output
+    assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 2
+
+
 def test_config_holds_absolute_paths_and_a_moved_run_finds_its_data(data_dir, tmp_path, monkeypatch):
     project = tmp_path / "project"
     shutil.copytree(data_dir, project / "data")

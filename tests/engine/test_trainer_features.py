@@ -126,6 +126,43 @@ def test_force_never_removes_the_data_or_a_foreign_folder(data_dir, tmp_path):
     assert (foreign / "notes.txt").read_text() == "keep" and (copy / "schema.json").exists()
 
 
+def _tree(folder):
+    return {str(p.relative_to(folder)): p.read_bytes() if p.is_file() else None for p in sorted(folder.rglob("*"))}
+
+
+def test_force_replaces_only_what_mtrec_train_wrote(data_dir, tmp_path):
+    base = ["train", data_dir, "--target", "like", "--epochs", "1", "--batch-size", "1024", "--embedding-dim", "4",
+            "--quiet"]
+    # a project folder whose config.json is the project's own (a common name): nothing is removed
+    project = tmp_path / "project"
+    (project / "src").mkdir(parents=True)
+    (project / "config.json").write_text('{"name": "my project"}')
+    (project / "src" / "main.py").write_text("print('keep')")
+    before = _tree(project)
+    code, output = invoke(*base, "--out", project, "--force")
+    assert code == 2 and "no config.json written by mtrec train" in output, output
+    assert _tree(project) == before
+    # a run of mtrec train beside a file it did not write: refused, naming the file; the run is intact
+    run = tmp_path / "run"
+    code, output = invoke(*base, "--out", run, "--tensorboard", run / "tb")
+    assert code == 0, output
+    (run / "notes.txt").write_text("keep")
+    (run / "src").mkdir()
+    before = _tree(run)
+    code, output = invoke(*base, "--out", run, "--force")
+    assert code == 2 and "notes.txt, src" in output and "did not write" in output, output
+    assert _tree(run) == before
+    # without them (its own TensorBoard folder and a leftover temporary file are its own): replaced
+    (run / "notes.txt").unlink()
+    (run / "src").rmdir()
+    (run / ".last.pt.abc123.tmp").write_bytes(b"half")
+    code, output = invoke(*base, "--out", run, "--force", "--seed", "5")
+    assert code == 0, output
+    assert json.loads((run / "config.json").read_text())["seed"] == 5
+    assert sorted(p.name for p in run.iterdir()) == ["best.pt", "config.json", "diagnostics.jsonl", "last.pt",
+                                                      "metrics.jsonl", "schema.json"]
+
+
 def test_resume_honours_safe_flags_and_refuses_the_rest(data_dir, tmp_path):
     run = tmp_path / "run"
     code, output = invoke("train", data_dir, "--target", "like", "--epochs", "1", "--batch-size", "512",

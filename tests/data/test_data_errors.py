@@ -212,3 +212,13 @@ def test_unsupported_column_types_are_skipped_with_a_warning_or_refused_when_ask
     assert any("'tags'" in w for w in summary.warnings) and any("'when'" in w and "--time" in w
                                                                  for w in summary.warnings)
     fails(tmp_path, [path], labels=["click"], features=["x", "tags"], match="cannot be a feature")
+
+
+@pytest.mark.parametrize("role", ["user", "item"])
+def test_a_list_column_cannot_be_the_user_or_item_id(tmp_path, raw_log, role):
+    # found by tests/fuzz: a list --user crashed in the user-group hash with a Polars traceback
+    (tmp_path / "in").mkdir()
+    log = raw_log.with_columns(pl.concat_list("user_id", "item_id").alias("history"))
+    path = write(tmp_path / "in", log)
+    fails(tmp_path, [path], match=f"--{role} column 'history' is List\\(Int64\\): an id holds one value per row",
+          **{role: "history"})

@@ -77,10 +77,16 @@ def _hash_key(value: pl.Expr, dtype: str) -> pl.Expr:
     return value.cast(pl.String, strict=False)
 
 
+# Standardised values are clipped to this many standard deviations: a value far outside the train
+# range (or a huge fill) would otherwise become +-inf in float32 and every step non-finite.
+STANDARD_CLIP = 1e6
+
+
 def _numeric_expr(feature: Feature) -> pl.Expr:
     value = numeric_base(feature.name, feature.log1p)
     fill = feature.mean if feature.fill is None else _transform_scalar(feature.fill, feature.log1p)
-    return ((value.fill_null(fill) - feature.mean) / feature.std).cast(pl.Float32).alias(feature.name)
+    standard = (value.fill_null(fill) - feature.mean) / feature.std
+    return standard.clip(-STANDARD_CLIP, STANDARD_CLIP).cast(pl.Float32).alias(feature.name)
 
 
 def _transform_scalar(value: float, log1p: bool) -> float:

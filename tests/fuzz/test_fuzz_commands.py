@@ -48,7 +48,8 @@ SCALARS = {
     "Int8": (pl.Int8, st.integers(-128, 127)),
     "UInt64": (pl.UInt64, st.integers(0, 2**64 - 1)),
     "UInt8": (pl.UInt8, st.integers(0, 255)),
-    "Float64": (pl.Float64, st.floats(allow_nan=True, allow_infinity=True)),
+    "Float64": (pl.Float64, st.floats(allow_nan=True, allow_infinity=True)
+                | st.sampled_from([1e300, -1e300, 3.5e38, 1e-310, 2.0**63, 2.0**64])),
     "Float32": (pl.Float32, st.floats(width=32, allow_nan=True, allow_infinity=True)),
     "String": (pl.String, st.text(max_size=5)),
     "Boolean": (pl.Boolean, st.booleans()),

@@ -203,7 +203,7 @@ def _sequence_expr(feature: Feature, schema: Schema, vocab_dir, raw_dtype: pl.Da
         if not path.is_file():
             raise UserError(f"vocabulary {path} is missing: the data directory is incomplete, re-run mtrec preprocess")
         vocab = pl.read_parquet(path, columns=["value", "code"])
-        key = element if raw_dtype.inner == vocab["value"].dtype else element.cast(vocab["value"].dtype, strict=False)
+        key = _cast_key(element, raw_dtype.inner, vocab["value"].dtype)
         found = key.replace_strict(vocab["value"], vocab["code"], default=OOV, return_dtype=pl.Int32)
         code = pl.when(element.is_null()).then(PAD).otherwise(found.fill_null(OOV)).cast(pl.Int32)
     width = feature.max_len
@@ -214,6 +214,17 @@ def _sequence_expr(feature: Feature, schema: Schema, vocab_dir, raw_dtype: pl.Da
     padding = pl.lit([PAD] * width, dtype=pl.List(pl.Int32))
     codes = pl.col(feature.name).list.tail(width).list.eval(code).fill_null(empty)
     return codes.list.concat(padding).list.head(width).list.to_array(width).alias(feature.name)
+
+
+def _cast_key(value: pl.Expr, raw_dtype: pl.DataType, vocab_dtype: pl.DataType) -> pl.Expr:
+    """A raw value in its vocabulary's dtype; one that does not convert is null, so OOV. Polars has
+    no String -> Boolean cast, not even a non-strict one (a log whose boolean column arrived as
+    strings was a traceback): "true" / "false", the Boolean -> String spelling, are matched."""
+    if raw_dtype == vocab_dtype:
+        return value
+    if vocab_dtype == pl.Boolean and raw_dtype == pl.String:
+        return pl.when(value == "true").then(True).when(value == "false").then(False)
+    return value.cast(vocab_dtype, strict=False)
 
 
 def _join_vocab(plan: pl.LazyFrame, feature: Feature, index: int, raw_dtype: pl.DataType,
@@ -234,7 +245,7 @@ def _join_vocab(plan: pl.LazyFrame, feature: Feature, index: int, raw_dtype: pl.
             return plan, lookup
     key, code = f"__mtrec_key{index}", f"__mtrec_code{index}"
     raw = pl.col(feature.name)
-    plan = plan.with_columns((raw if raw_dtype == value_dtype else raw.cast(value_dtype, strict=False)).alias(key))
+    plan = plan.with_columns(_cast_key(raw, raw_dtype, value_dtype).alias(key))
     vocab = pl.scan_parquet(path).select(pl.col("value").alias(key), pl.col("code").alias(code))
     plan = plan.join(vocab, on=key, how="left", maintain_order="left")
     expr = pl.when(raw.is_null()).then(PAD).otherwise(pl.col(code).fill_null(OOV)).cast(pl.Int32)

@@ -5,7 +5,7 @@ import polars as pl
 import pytest
 
 from mtrec.data import encode as enc
-from mtrec.data.schema import Feature
+from mtrec.data.schema import Feature, Schema
 
 RAW = [5, 6, 7, None, 100, -3, 9, 5]
 EXPECTED = [2, 1, 3, 0, 1, 1, 4, 2]  # 6 unseen inside the range, 100 / -3 outside, None -> PAD
@@ -108,3 +108,18 @@ def test_uint64_ids_above_two_to_the_63_encode_without_a_crash(tmp_path, vocab_v
     monkeypatch.setattr(enc, "_dense_lookup", lambda path, feature: None)
     plan, expr = enc._join_vocab(frame, feature, 0, pl.UInt64, tmp_path / "vocab")
     assert plan.select(expr).collect()["item"].to_list() == expected
+
+
+def test_a_boolean_column_that_arrives_as_strings_encodes_instead_of_crashing(tmp_path):
+    # found by tests/fuzz: Polars has no String -> Boolean cast, not even non-strict (a traceback)
+    feature = _vocab(tmp_path, pl.Series([True, False]), name="flag", dtype="Boolean")
+    frame = pl.LazyFrame({"flag": pl.Series(["true", "false", "yes", None, "1"], dtype=pl.String)})
+    plan, expr = enc._join_vocab(frame, feature, 0, pl.String, tmp_path / "vocab")
+    assert plan.select(expr).collect(engine="streaming")["flag"].to_list() == [2, 3, enc.OOV, enc.PAD, enc.OOV]
+    # and the same values as list elements of a sequence
+    sequence = Feature(name="flags", kind="sequence", dtype="List(Boolean)", max_len=3, share_with="flag")
+    schema = Schema(features=[feature, sequence], labels=[], positive_rate={}, user=None, item=None, time=None,
+                    split={}, rows={})
+    lists = pl.DataFrame({"flags": [["true", "no"], None]}, schema={"flags": pl.List(pl.String)})
+    codes = lists.select(enc._sequence_expr(sequence, schema, tmp_path / "vocab", pl.List(pl.String)))
+    assert codes["flags"].to_list() == [[2, enc.OOV, enc.PAD], [enc.PAD] * 3]

@@ -78,7 +78,7 @@ def train(
 
     if resume:
         values = _saved_config(resume)
-        values.update(_resume_changes(ctx))
+        values.update(_resume_changes(ctx, values, resume))
     else:
         values = read_toml(config) if config else {}
         values.update(_config_flags(ctx))
@@ -138,18 +138,46 @@ def _config_flags(ctx: typer.Context) -> dict:
     return values
 
 
-def _resume_changes(ctx: typer.Context) -> dict:
-    """The resumable settings given on the command line; any other flag is refused, in one line."""
-    given = [name for name in ctx.params if name not in ("resume", "quiet")
-             and getattr(ctx.get_parameter_source(name), "name", None) == "COMMANDLINE"]
-    refused = [name for name in given if name not in RESUMABLE]
+def _resume_changes(ctx: typer.Context, saved: dict, run_dir: str) -> dict:
+    """The settings given with --resume (flags, a --config file) that differ from the saved run's:
+    re-running the same command with --resume added is accepted; a real change is refused, in one
+    line naming each changed setting, unless it is resumable."""
+    from mtrec.core.config import TrainConfig, parse_opt, read_toml
+
+    given = {name for name in ctx.params if name not in ("resume", "quiet")
+             and getattr(ctx.get_parameter_source(name), "name", None) == "COMMANDLINE"}
+    if "force" in given:
+        raise UserError("--force starts the run over and --resume continues it: pass one of the two")
+    requested = read_toml(ctx.params["config"]) if "config" in given else {}
+    requested.update({k: v for k, v in _config_flags(ctx).items() if k in given})
+    if "balancer_opt" in given:
+        flags = dict(parse_opt(o) for o in ctx.params["balancer_opt"])
+        requested["balancer_opts"] = {**requested.get("balancer_opts", {}), **flags}
+    before = TrainConfig.from_dict(saved)
+    after = TrainConfig.from_dict({**saved, **requested})
+    changed = [key for key in requested if _setting(after, key, run_dir) != _setting(before, key, run_dir)]
+    refused = [key for key in changed if key not in RESUMABLE]
     if refused:
         flag = {p.name: (p.opts[0] if p.opts[0].startswith("-") else p.name.upper()) for p in ctx.command.params}
-        names = ", ".join(flag[n] for n in refused)
+        names = ", ".join(f"{flag.get(k, k)} (saved {getattr(before, k)!r}, given {getattr(after, k)!r})"
+                          for k in refused)
         allowed = ", ".join(flag[n] for n in RESUMABLE)
         raise UserError(f"--resume continues the saved run as it was configured, so {names} cannot change: only "
                         f"{allowed} and --quiet can (start a new run to change the rest)")
-    return {name: ctx.params[name] for name in given}
+    return {key: getattr(after, key) for key in changed}
+
+
+def _setting(cfg, key: str, run_dir: str):
+    """A config value as the run uses it: paths resolved (``out`` is the run directory whatever the
+    saved one), tasks in the run's order (the target first)."""
+    value = getattr(cfg, key)
+    if key == "out":
+        return Path(value).resolve() == Path(run_dir).resolve()
+    if key in ("data", "tensorboard"):
+        return str(Path(value).resolve()) if value else ""
+    if key == "tasks":
+        return [cfg.target] + [t for t in value if t != cfg.target] if value else value
+    return value
 
 
 def _saved_config(run_dir: str) -> dict:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import tomllib
 import types
@@ -14,6 +13,7 @@ from typing import Any
 
 from mtrec.core.console import err_console
 from mtrec.core.errors import UserError
+from mtrec.core.files import read_json_object
 
 SCHEDULES = ("constant", "cosine", "linear")
 SELECT_METRICS = ("auc", "gauc", "logloss")
@@ -173,7 +173,7 @@ def read_run_config(run_dir: str | Path) -> dict[str, Any]:
     path = run_dir / "config.json"
     if not path.is_file():
         raise UserError(f"{run_dir} is not a run directory of mtrec train (no config.json): pass the --out of a run")
-    values = json.loads(path.read_text())
+    values = read_json_object(path, "restore it from a backup, or train a new run")
     values.pop("mtrec_version", None)
     data, saved_out = values.get("data", ""), values.get("out", "")
     if data and saved_out and not Path(data).exists():
@@ -184,6 +184,17 @@ def read_run_config(run_dir: str | Path) -> dict[str, Any]:
             values["data"] = str(moved)
     values["out"] = str(run_dir.resolve())
     return values
+
+
+def run_tasks(run_dir: str | Path) -> list[str]:
+    """The tasks of a run, from its config.json (plot and TensorBoard export name series by them)."""
+    path = Path(run_dir) / "config.json"
+    if not path.is_file():
+        raise UserError(f"{run_dir} is not a run directory of mtrec train (no config.json): pass the --out of a run")
+    tasks = read_json_object(path, "restore it from a backup, or train a new run").get("tasks")
+    if not (isinstance(tasks, list) and tasks and all(isinstance(t, str) for t in tasks)):
+        raise UserError(f"{path} is corrupt: no list of tasks: restore it from a backup, or train a new run")
+    return tasks
 
 
 def parse_opt(text: str) -> tuple[str, Any]:

@@ -7,6 +7,8 @@ import os
 import tempfile
 from pathlib import Path
 
+from mtrec.core.errors import UserError
+
 
 def atomic_write(path: Path, write) -> None:
     """Call ``write(tmp_path)`` then rename onto ``path``; the temp file is removed on failure."""
@@ -32,5 +34,30 @@ def atomic_write_text(path: Path, text: str) -> None:
     atomic_write(path, write)
 
 
+def read_json_object(path: Path, fix: str) -> dict:
+    """A JSON file that mtrec wrote and expects to hold one object; a corrupt, truncated or
+    hand-broken file is a ``UserError`` naming it and ``fix``, not a traceback."""
+    try:
+        value = json.loads(Path(path).read_bytes())
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise UserError(f"{path} is corrupt or truncated ({err}): {fix}") from err
+    except OSError as err:
+        raise UserError(f"{path} cannot be read ({err.strerror or err}): {fix}") from err
+    if not isinstance(value, dict):
+        raise UserError(f"{path} is corrupt: it holds a JSON {type(value).__name__}, not an object: {fix}")
+    return value
+
+
 def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    """One JSON object per line (metrics.jsonl, diagnostics.jsonl); a broken line is a ``UserError``."""
+    records = []
+    for number, line in enumerate(Path(path).read_text(errors="replace").splitlines(), 1):
+        if line.strip():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise UserError(f"{path} line {number} is corrupt ({err}): restore or remove the file") from err
+            if not isinstance(record, dict):
+                raise UserError(f"{path} line {number} is not a JSON object: restore or remove the file")
+            records.append(record)
+    return records

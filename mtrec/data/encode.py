@@ -63,18 +63,30 @@ def _integer_like(dtype: str) -> bool:
 
 
 def _hash_key(value: pl.Expr, dtype: str) -> pl.Expr:
-    """The raw value in the dtype family it had at fit time, so int32 vs int64 inputs hash alike."""
+    """The raw value in the dtype family it had at fit time, so int32 vs int64 inputs hash alike.
+
+    Integers become their value modulo 2**64 as a UInt64 (through Int128, which holds every Int64
+    and UInt64 value): an id below 2**63 hashes as it always did, and UInt64 ids up to 2**64 - 1 keep
+    distinct hashes (an Int64 cast made every id >= 2**63 null, so OOV). A value outside
+    [-2**63, 2**64) does not cast and is OOV."""
     if _integer_like(dtype):
-        return value.cast(pl.Int64, strict=False)
+        wide = value.cast(pl.Int128, strict=False)
+        return pl.when(wide < 0).then(wide + 2**64).otherwise(wide).cast(pl.UInt64, strict=False)
     if dtype.startswith("Float"):
         return value.cast(pl.Float64, strict=False)
     return value.cast(pl.String, strict=False)
 
 
+# Standardised values are clipped to this many standard deviations: a value far outside the train
+# range (or a huge fill) would otherwise become +-inf in float32 and every step non-finite.
+STANDARD_CLIP = 1e6
+
+
 def _numeric_expr(feature: Feature) -> pl.Expr:
     value = numeric_base(feature.name, feature.log1p)
     fill = feature.mean if feature.fill is None else _transform_scalar(feature.fill, feature.log1p)
-    return ((value.fill_null(fill) - feature.mean) / feature.std).cast(pl.Float32).alias(feature.name)
+    standard = (value.fill_null(fill) - feature.mean) / feature.std
+    return standard.clip(-STANDARD_CLIP, STANDARD_CLIP).cast(pl.Float32).alias(feature.name)
 
 
 def _transform_scalar(value: float, log1p: bool) -> float:
@@ -191,7 +203,7 @@ def _sequence_expr(feature: Feature, schema: Schema, vocab_dir, raw_dtype: pl.Da
         if not path.is_file():
             raise UserError(f"vocabulary {path} is missing: the data directory is incomplete, re-run mtrec preprocess")
         vocab = pl.read_parquet(path, columns=["value", "code"])
-        key = element if raw_dtype.inner == vocab["value"].dtype else element.cast(vocab["value"].dtype, strict=False)
+        key = _cast_key(element, raw_dtype.inner, vocab["value"].dtype)
         found = key.replace_strict(vocab["value"], vocab["code"], default=OOV, return_dtype=pl.Int32)
         code = pl.when(element.is_null()).then(PAD).otherwise(found.fill_null(OOV)).cast(pl.Int32)
     width = feature.max_len
@@ -202,6 +214,17 @@ def _sequence_expr(feature: Feature, schema: Schema, vocab_dir, raw_dtype: pl.Da
     padding = pl.lit([PAD] * width, dtype=pl.List(pl.Int32))
     codes = pl.col(feature.name).list.tail(width).list.eval(code).fill_null(empty)
     return codes.list.concat(padding).list.head(width).list.to_array(width).alias(feature.name)
+
+
+def _cast_key(value: pl.Expr, raw_dtype: pl.DataType, vocab_dtype: pl.DataType) -> pl.Expr:
+    """A raw value in its vocabulary's dtype; one that does not convert is null, so OOV. Polars has
+    no String -> Boolean cast, not even a non-strict one (a log whose boolean column arrived as
+    strings was a traceback): "true" / "false", the Boolean -> String spelling, are matched."""
+    if raw_dtype == vocab_dtype:
+        return value
+    if vocab_dtype == pl.Boolean and raw_dtype == pl.String:
+        return pl.when(value == "true").then(True).when(value == "false").then(False)
+    return value.cast(vocab_dtype, strict=False)
 
 
 def _join_vocab(plan: pl.LazyFrame, feature: Feature, index: int, raw_dtype: pl.DataType,
@@ -222,7 +245,7 @@ def _join_vocab(plan: pl.LazyFrame, feature: Feature, index: int, raw_dtype: pl.
             return plan, lookup
     key, code = f"__mtrec_key{index}", f"__mtrec_code{index}"
     raw = pl.col(feature.name)
-    plan = plan.with_columns((raw if raw_dtype == value_dtype else raw.cast(value_dtype, strict=False)).alias(key))
+    plan = plan.with_columns(_cast_key(raw, raw_dtype, value_dtype).alias(key))
     vocab = pl.scan_parquet(path).select(pl.col("value").alias(key), pl.col("code").alias(code))
     plan = plan.join(vocab, on=key, how="left", maintain_order="left")
     expr = pl.when(raw.is_null()).then(PAD).otherwise(pl.col(code).fill_null(OOV)).cast(pl.Int32)
@@ -242,14 +265,15 @@ def _dense_lookup(path: Path, feature: Feature) -> pl.Expr | None:
         return None
     lowest, highest = int(vocab["value"].min()), int(vocab["value"].max())
     span = highest - lowest + 1
-    if span > max(_DENSE_RANGE_FACTOR * vocab.height, _DENSE_RANGE_MIN):
-        return None
+    if highest >= 2**63 or span > max(_DENSE_RANGE_FACTOR * vocab.height, _DENSE_RANGE_MIN):
+        return None  # UInt64 ids past the Int64 range: the join (an Int128 table index costs 2.5x)
     table = np.full(span, OOV, dtype=np.int32)
     table[(vocab["value"] - lowest).to_numpy()] = vocab["code"].to_numpy()
-    raw = pl.col(feature.name).cast(pl.Int64)
+    # a UInt64 value >= 2**63 does not fit and becomes null here: not inside, so OOV (null raw -> PAD)
+    raw = pl.col(feature.name).cast(pl.Int64, strict=False)
     inside = (raw >= lowest) & (raw <= highest)
     found = pl.lit(pl.Series(table)).gather((raw - lowest).clip(0, span - 1))
-    return (pl.when(raw.is_null()).then(PAD).when(inside).then(found).otherwise(OOV)
+    return (pl.when(pl.col(feature.name).is_null()).then(PAD).when(inside).then(found).otherwise(OOV)
             .cast(pl.Int32).alias(feature.name))
 
 

@@ -171,6 +171,24 @@ def _names(names: list[str]) -> str:
     return shown + (f" and {len(names) - 12} more" if len(names) > 12 else "")
 
 
+def _rescaled_moments(train: pl.LazyFrame, numeric: list[Feature], row: dict) -> None:
+    """Values so large that their sum or squares overflow (1e300) gave an infinite mean or std,
+    taken for "a single value", and every encoded value became +-inf. Those features' moments are
+    computed again, once, on the values divided by a power of two near the largest |value| (exact
+    scaling); the others keep the bits of the plain mean and std."""
+    overflowed = [f for f in numeric if any(row[f"{f.name}#{m}"] is not None and not math.isfinite(row[f"{f.name}#{m}"])
+                                            for m in ("mean", "std"))]
+    if not overflowed:
+        return
+    stats = []
+    for f in overflowed:
+        value = numeric_base(f.name, f.log1p)
+        scale = pl.lit(2.0).pow(value.abs().max().log(2).ceil())
+        stats += [((value / scale).mean() * scale).alias(f"{f.name}#mean"),
+                  ((value / scale).std(ddof=0) * scale).alias(f"{f.name}#std")]
+    row.update(train.select(stats).collect(engine="streaming").row(0, named=True))
+
+
 def fit(train: pl.LazyFrame, features: list[Feature], protected: set[str],
         warnings: list[str]) -> tuple[dict[str, pl.DataFrame], int]:
     """Fit every feature on ``train``. Returns ({feature: vocabulary frame}, train rows).
@@ -197,6 +215,7 @@ def fit(train: pl.LazyFrame, features: list[Feature], protected: set[str],
     results = pl.collect_all([train.select(stats)] + [_vocab_query(train, f) for f in sequences], engine="streaming",
                              optimizations=pl.QueryOptFlags(comm_subplan_elim=False))
     row = results[0].row(0, named=True)
+    _rescaled_moments(train, numeric, row)
     value_counts.update({f.name: counts for f, counts in zip(sequences, results[1:])})
     rows = row["#rows"]
 

@@ -3,7 +3,8 @@
 Polars' own ``Expr.hash`` may change between releases, which would silently re-map every hashed
 feature of a model trained before an upgrade. This hash is defined here, in NumPy, once:
 
-- integers (and booleans) are widened to int64 and mixed with the splitmix64 finaliser;
+- integers (and booleans) are taken modulo 2**64 (their int64 two's-complement bit pattern; a
+  UInt64 id at or above 2**63 keeps its own bits) and mixed with the splitmix64 finaliser;
 - floats are mixed from their float64 bit pattern (``-0.0`` as ``0.0``);
 - strings (UTF-8 bytes ``b_0 .. b_{L-1}``) become ``sum((b_j + 1) * P**(L-1-j)) mod 2**64``, then
   the length is folded in and the result mixed with splitmix64.
@@ -69,7 +70,9 @@ def _hash_strings(series: pl.Series) -> np.ndarray:
 def stable_hash(series: pl.Series) -> pl.Series:
     """UInt64 hash of every value of ``series`` (null stays null), stable across versions."""
     dtype = series.dtype
-    if dtype.is_integer() or dtype == pl.Boolean:
+    if dtype == pl.UInt64:  # no cast: ids >= 2**63 do not fit an int64
+        hashed = splitmix64(series.fill_null(0).to_numpy().astype(np.uint64, copy=False))
+    elif dtype.is_integer() or dtype == pl.Boolean:
         values = series.cast(pl.Int64).fill_null(0).to_numpy().view(np.uint64)
         hashed = splitmix64(values)
     elif dtype.is_float():

@@ -192,6 +192,10 @@ def resolve_features(frame: pl.LazyFrame, labels: list[str], *, user: str | None
         if name in spec or name in (features or []):
             raise UserError(f"column {name!r} is both a label and a feature: remove it from the features or "
                             "from --labels")
+    for role, name in (("--user", user), ("--item", item)):
+        if name and columns[name].is_nested():  # the user groups (GAUC) hash one value per row
+            raise UserError(f"{role} column {name!r} is {columns[name]}: an id holds one value per row (integer or "
+                            "string); pass another column or declare this one a sequence feature in the spec")
     if time and not (columns[time].is_numeric() or columns[time].is_temporal()):
         raise UserError(f"--time column {time!r} is {columns[time]}: it must hold numbers (epoch) or datetimes")
     if split_column and (split_column in (user, item) or split_column in spec or split_column in (features or [])):

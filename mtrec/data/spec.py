@@ -31,6 +31,7 @@ fit the kind) is a ``UserError`` naming the column and the key.
 
 from __future__ import annotations
 
+import math
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -107,8 +108,8 @@ def _value(where: str, name: str, key: str, value):
                         "(codes are int32)")
     if key == "bucketize" and value < 2:
         raise UserError(f"{where}: [features.{name}] bucketize must be at least 2 buckets, got {value}")
-    if key == "fill" and value != value:
-        raise UserError(f"{where}: [features.{name}] fill must be a finite number")
+    if key == "fill" and not math.isfinite(value):  # inf / nan would make every step non-finite
+        raise UserError(f"{where}: [features.{name}] fill must be a finite number, got {value!r}")
     if key == "max_len" and value < 1:
         raise UserError(f"{where}: [features.{name}] max_len must be at least 1, got {value}")
     if key == "pooling" and value not in POOLINGS:

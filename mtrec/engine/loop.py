@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from mtrec.core.config import TrainConfig
-from mtrec.core.console import console
+from mtrec.core.console import console, err_console
 from mtrec.core.errors import TrainingInterrupted, UserError
 from mtrec.engine.build import build_run, resolved_paths
 from mtrec.engine.diagnostics import DiagnosticsLog
@@ -39,6 +39,7 @@ class LoopState:
     bad_streak: int = 0
     bad_total: int = 0
     clipped_total: int = 0  # steps whose gradients --clip-grad scaled down
+    schedule_steps: int = 0  # the lr schedule's horizon: the first run's planned updates, fixed on resume
     finished: bool = False
     history: list[dict] = field(default_factory=list)
 
@@ -101,11 +102,12 @@ class Trainer:
 
     def _epoch(self, progress: TrainProgress) -> None:
         cfg, s, run = self.cfg, self.state, self.built
-        steps = math.ceil(len(self.train_split) / cfg.batch_size)
+        steps = self._steps_per_epoch()
+        s.schedule_steps = s.schedule_steps or cfg.epochs * steps
         progress.epoch(s.epoch, steps, s.step)
         self.window = Window(torch.zeros(len(self.tasks), device=run.device))
         for codes, numeric, labels in epoch_batches(run, self.train_split, s.epoch, start=s.step):
-            set_lr(self.optimizer, lr_factor(cfg.lr_schedule, cfg.warmup_steps, s.global_step, cfg.epochs * steps))
+            set_lr(self.optimizer, lr_factor(cfg.lr_schedule, cfg.warmup_steps, s.global_step, s.schedule_steps))
             diagnose = run.main and cfg.diagnostics_every > 0 and s.global_step % cfg.diagnostics_every == 0
             losses = self.stepper.step(codes, numeric, labels, self._share(labels), diagnose)
             s.step, s.global_step = s.step + 1, s.global_step + 1
@@ -121,6 +123,9 @@ class Trainer:
             if cfg.checkpoint_every and s.global_step % cfg.checkpoint_every == 0 and s.step < steps:
                 self.save("last.pt")
         self._end_epoch(progress.samples_per_second)
+
+    def _steps_per_epoch(self) -> int:
+        return math.ceil(len(self.train_split) / self.cfg.batch_size)
 
     def _on_sigint(self, signum, frame) -> None:
         self.stop_requested = True
@@ -173,6 +178,16 @@ class Trainer:
         meta = self.run_dir.restore(self.built)
         fields = LoopState.__dataclass_fields__
         self.state = LoopState(**{k: meta[k] for k in fields if k in meta and k != "bad_streak"})
+        steps = self._steps_per_epoch()
+        if not self.state.schedule_steps:  # a checkpoint from before the horizon was saved: its run's plan
+            self.state.schedule_steps = meta.get("config", {}).get("epochs", self.cfg.epochs) * steps
+        if self.cfg.lr_schedule != "constant" and self.cfg.epochs * steps > self.state.schedule_steps:
+            factor = lr_factor(self.cfg.lr_schedule, self.cfg.warmup_steps, self.state.schedule_steps,
+                               self.state.schedule_steps)
+            err_console.print(f"warning: the {self.cfg.lr_schedule} learning-rate schedule was planned over "
+                              f"{self.state.schedule_steps:,} steps by the first run; the steps after it train at its "
+                              f"final rate ({factor:.3g} x --lr). To decay over more epochs, start a new run with "
+                              "more --epochs", markup=False, highlight=False, soft_wrap=True)
         # More --epochs or a larger --patience on resume can reopen a finished run.
         self.state.finished = self.state.since_best >= self.cfg.patience or self.state.epoch >= self.cfg.epochs
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from mtrec.core.errors import UserError
-from mtrec.core.files import atomic_write_text
+from mtrec.core.files import atomic_write_text, read_json_object
 from mtrec.data.fingerprint import encoder_fingerprint, vocab_files
 from mtrec.engine import checkpoint
 from mtrec.engine.build import Run
@@ -32,8 +32,9 @@ class RunDir:
         self.diagnostics = self.path / "diagnostics.jsonl"
 
     def check_new(self, data: str | Path, force: bool) -> None:
-        """A new run may only replace (with --force) what mtrec train made: never the data, a
-        parent of it, a file, or a non-empty folder without a config.json."""
+        """A new run may only replace (with --force) a run of mtrec train holding nothing else: never
+        the data, a parent of it, a file, a folder whose config.json mtrec train did not write (a
+        project's own config.json is a common name), or a run beside foreign files."""
         out = self.path
         if not out.exists():
             return
@@ -47,21 +48,33 @@ class RunDir:
         if out.resolve() == data or out.resolve() in data.parents:
             raise UserError(f"--out {out} is the data directory or holds it: --force would delete the data; "
                             "choose another --out")
-        if not (out / "config.json").exists():
-            raise UserError(f"--out {out} is not an mtrec run directory (no config.json) and not empty: --force "
-                            "only replaces runs of mtrec train; choose another --out")
+        saved = _train_config(out)
+        if saved is None:
+            raise UserError(f"--out {out} is not an mtrec run directory (no config.json written by mtrec train) and "
+                            "not empty: --force only replaces runs of mtrec train; choose another --out")
+        foreign = sorted(p.name for p in out.iterdir() if not _written_by_train(p, saved))
+        if foreign:
+            shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+            raise UserError(f"--out {out} is a run of mtrec train but also holds {shown}, which mtrec train did not "
+                            "write: --force removes only a run's own files; move those or choose another --out")
 
     def check_resumable(self) -> None:
         if not (self.path / "last.pt").exists():
             raise UserError(f"nothing to resume in {self.path}: no last.pt (start a new run without --resume)")
 
     def create(self, schema, data: str | Path) -> None:
-        """A fresh directory (what check_new allowed to replace is removed) with the schema's copy
-        and the encoder's: the data's vocabulary files and their fingerprint."""
+        """A fresh directory with the schema's copy and the encoder's (the data's vocabulary files
+        and their fingerprint): of an earlier run that check_new allowed to replace, only the files
+        mtrec train writes are removed (a file that appeared since stays)."""
         if self.main:
-            if self.path.exists():
-                shutil.rmtree(self.path)
-            self.path.mkdir(parents=True)
+            if self.path.is_dir():
+                saved = _train_config(self.path) or {}
+                for entry in self.path.iterdir():
+                    if _written_by_train(entry, saved) and entry.is_dir():
+                        shutil.rmtree(entry)
+                    elif _written_by_train(entry, saved):
+                        entry.unlink()
+            self.path.mkdir(parents=True, exist_ok=True)
             atomic_write_text(self.path / "schema.json", json.dumps(schema.to_dict(), indent=2))
             copy_encoder(schema, Path(data) / "vocab", self.path)
 
@@ -133,6 +146,34 @@ def copy_encoder(schema, vocab_dir: Path, run_dir: Path) -> dict:
               "vocab_bytes": size, "linked": linked}
     atomic_write_text(run_dir / ENCODER, json.dumps(record, indent=2) + "\n")
     return record
+
+
+# What mtrec train writes into a run directory (and the temporary names they are written under);
+# the TensorBoard folder of the run when --tensorboard pointed inside it.
+RUN_FILES = ("config.json", "schema.json", "metrics.jsonl", "diagnostics.jsonl", "best.pt", "last.pt", ENCODER)
+RUN_DIRS = ("vocab",)  # the encoder's vocabulary files (links or copies)
+_EVENTS = "events.out.tfevents."
+
+
+def _train_config(run_dir: Path) -> dict | None:
+    """The run's config.json when mtrec train wrote it (its ``mtrec_version`` key), else None."""
+    try:
+        saved = read_json_object(run_dir / "config.json", "")
+    except UserError:
+        return None
+    return saved if "mtrec_version" in saved else None
+
+
+def _written_by_train(entry: Path, saved: dict) -> bool:
+    name = entry.name
+    if entry.is_file() and not entry.is_symlink():
+        return name in RUN_FILES or any(name.startswith(f".{f}.") and name.endswith(".tmp") for f in RUN_FILES)
+    if entry.is_dir() and not entry.is_symlink() and name in RUN_DIRS:
+        return True
+    events = saved.get("tensorboard")
+    return (entry.is_dir() and not entry.is_symlink() and isinstance(events, str) and bool(events)
+            and Path(events) == entry.resolve() and all(p.is_file() and p.name.startswith(_EVENTS)
+                                                        for p in entry.iterdir()))
 
 
 def _all_finite(params) -> bool:

@@ -10,6 +10,7 @@ resumed and plotted on its own. A cell is then evaluated once (``mtrec evaluate 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import math
@@ -24,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from mtrec.core.errors import UserError
-from mtrec.core.files import atomic_write_text
+from mtrec.core.files import atomic_write_text, read_json_object, read_jsonl
 
 METRICS = ("auc", "gauc", "logloss")
 LOWER_IS_BETTER = {"auc": False, "gauc": False, "logloss": True}
@@ -98,7 +99,17 @@ def load_grid(out: Path) -> Grid:
     path = Path(out) / SETTINGS_FILE
     if not path.exists():
         raise UserError(f"{out} is not a compare directory (no {SETTINGS_FILE}): pass the --out of mtrec compare")
-    return Grid(**json.loads(path.read_text()))
+    values = read_json_object(path, f"remove {SETTINGS_FILE} and re-run mtrec compare with the grid's flags")
+    fields = {f.name: f.type for f in dataclasses.fields(Grid)}
+    kinds = {"str": str, "list[str]": (list, str), "list[int]": (list, int)}
+    for name, kind in fields.items():
+        value, want = values.get(name), kinds[kind]
+        ok = (isinstance(value, list) and all(isinstance(v, want[1]) and not isinstance(v, bool) for v in value)
+              if isinstance(want, tuple) else isinstance(value, want))
+        if not ok:
+            raise UserError(f"{path} is corrupt: {name} should be {kind}, got {value!r}: remove {SETTINGS_FILE} "
+                            "and re-run mtrec compare with the grid's flags")
+    return Grid(**{name: values[name] for name in fields})
 
 
 def merge_grid(out: Path, requested: Grid) -> Grid:
@@ -373,9 +384,9 @@ def read_cell(cell_dir: Path) -> dict | None:
     path = cell_dir / "eval.json"
     if not path.exists():
         return None
-    result = json.loads(path.read_text())
+    result = read_json_object(path, "remove it and re-run the compare to evaluate the cell again")
     log = cell_dir / "metrics.jsonl"
-    records = [json.loads(line) for line in log.read_text().splitlines() if line.strip()] if log.exists() else []
+    records = read_jsonl(log) if log.exists() else []
     speeds = [r["samples_per_second"] for r in records]
     return {"tasks": result["tasks"], "target": result["target"], "metrics": result["metrics"],
             "samples_per_second": float(np.mean(speeds)) if speeds else None,

@@ -6,12 +6,12 @@ The series handed to matplotlib come from the small pure functions below (``*_se
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 import numpy as np
 
+from mtrec.core.config import run_tasks
 from mtrec.core.errors import UserError
 from mtrec.core.files import atomic_write, read_jsonl
 from mtrec.engine.diagnostics import cosine_series, norm_ratio_series, update_change_series, weight_series
@@ -268,7 +268,7 @@ def _plot_run(run: Path, out: Path) -> tuple[list[Path], list[str]]:
         raise UserError(f"{run} has no gradient diagnostics ({diag_path.name} missing or empty): train with "
                         "--diagnostics-every N (N > 0) and a model with shared parameters")
     history = read_jsonl(run / "metrics.jsonl")
-    tasks = json.loads((run / "config.json").read_text())["tasks"]
+    tasks = run_tasks(run)
     out.mkdir(parents=True, exist_ok=True)
     panels = {METRIC_NAMES[m]: validation_series(history, m) for m in METRIC_NAMES}
     panels = {k: v for k, v in panels.items() if any(np.isfinite(y).any() for _, y in v.values())}

@@ -3,9 +3,9 @@ compare directory) replayed as TensorBoard events, with the tags of ``mtrec.engi
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
+from mtrec.core.config import run_tasks
 from mtrec.core.errors import UserError
 from mtrec.core.files import read_jsonl
 from mtrec.engine.events import EventLog
@@ -19,7 +19,7 @@ def export_run(run_dir: str | Path, log_dir: str | Path) -> int:
         raise UserError(f"{run_dir} has no metrics.jsonl yet: export after its first epoch")
     if log_dir.exists() and any(log_dir.glob("events.out.tfevents.*")):
         raise UserError(f"{log_dir} holds TensorBoard events already: choose an empty folder")
-    tasks = json.loads((run_dir / "config.json").read_text())["tasks"]
+    tasks = run_tasks(run_dir)
     log = EventLog(log_dir, tasks)
     try:
         for record in read_jsonl(run_dir / "metrics.jsonl"):

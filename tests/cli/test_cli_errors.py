@@ -274,3 +274,33 @@ def test_architecture_flags_reach_the_model(world, tmp_path):
     assert cfg.expert_sizes == [16, 8] and cfg.tower_sizes == [4] and len(model.task_experts) == 2
     assert model.shared_experts[0].n == 2 and model.towers.weights[0].shape[-1] == 4
     assert not (tmp_path / "run" / "diagnostics.jsonl").exists()
+
+
+CORRUPT_JSON = {"truncated": b'{"model": "mm', "empty": b"", "a list": b"[1, 2]", "binary": b"\x80\x81\xfe\x00"}
+
+
+@pytest.mark.parametrize("content", list(CORRUPT_JSON))
+@pytest.mark.parametrize("command", ["evaluate", "train --resume", "plot"])
+def test_a_corrupt_config_json_is_one_line(world, tmp_path, command, content):
+    run = _run_copy(world, tmp_path, lambda d: (d / "config.json").write_bytes(CORRUPT_JSON[content]))
+    before = {p.name: p.read_bytes() for p in run.iterdir()}
+    args = {"evaluate": ["evaluate", run, "--device", "cpu"], "train --resume": ["train", "--resume", run],
+            "plot": ["plot", run, "--out", tmp_path / "figs"]}[command]
+    code, out = invoke(*args)
+    assert_user_error(code, out, "config.json", "corrupt")
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == before
+
+
+def test_a_corrupt_compare_json_is_one_line(tmp_path):
+    from mtrec.research.compare import SETTINGS_FILE
+
+    good = {"data": str(tmp_path), "train_args": [], "models": ["mmoe"], "balancers": ["ew"], "seeds": [1],
+            "baseline": "ew"}
+    for content, needle in [(b"{not json", "corrupt or truncated"), (b"\xff\xfe", "corrupt or truncated"),
+                            (b'"a string"', "not an object"),
+                            (json.dumps({k: v for k, v in good.items() if k != "seeds"}).encode(), "seeds"),
+                            (json.dumps({**good, "seeds": ["1"]}).encode(), "seeds"),
+                            (json.dumps({**good, "models": "mmoe"}).encode(), "models")]:
+        (tmp_path / SETTINGS_FILE).write_bytes(content)
+        code, out = invoke("compare", "--summarize", tmp_path)
+        assert_user_error(code, out, SETTINGS_FILE, needle)

@@ -160,6 +160,9 @@ def test_bad_feature_spec(tmp_path, raw_path):
                         ("[features.price]\nkind = 'text'\n", "kind must be one of"),
                         ("[features.user_city]\nhash_buckets = 0\n", "at least 1"),
                         ("[features.user_city]\nhash_buckets = 8\nmin_count = 2\n", "both hash_buckets and min_count"),
+                        ("[features.price]\nfill = inf\n", "fill must be a finite number, got inf"),
+                        ("[features.price]\nfill = -inf\n", "fill must be a finite number, got -inf"),
+                        ("[features.price]\nfill = nan\n", "fill must be a finite number, got nan"),
                         ("[other]\nx = 1\n", "unknown section"),
                         ("[features.price\n", "not valid TOML")]:
         spec.write_text(text)
@@ -209,3 +212,13 @@ def test_unsupported_column_types_are_skipped_with_a_warning_or_refused_when_ask
     assert any("'tags'" in w for w in summary.warnings) and any("'when'" in w and "--time" in w
                                                                  for w in summary.warnings)
     fails(tmp_path, [path], labels=["click"], features=["x", "tags"], match="cannot be a feature")
+
+
+@pytest.mark.parametrize("role", ["user", "item"])
+def test_a_list_column_cannot_be_the_user_or_item_id(tmp_path, raw_log, role):
+    # found by tests/fuzz: a list --user crashed in the user-group hash with a Polars traceback
+    (tmp_path / "in").mkdir()
+    log = raw_log.with_columns(pl.concat_list("user_id", "item_id").alias("history"))
+    path = write(tmp_path / "in", log)
+    fails(tmp_path, [path], match=f"--{role} column 'history' is List\\(Int64\\): an id holds one value per row",
+          **{role: "history"})

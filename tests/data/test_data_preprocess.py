@@ -320,3 +320,29 @@ def test_a_relative_out_directory_holds_the_rows_of_every_split(raw_path, tmp_pa
     for name in ("train", "valid", "test"):
         assert pl.read_parquet(tmp_path / "rel" / "data" / f"{name}.parquet").height == summary.rows[name] > 0
     assert sorted(p.name for p in (tmp_path / "rel").iterdir()) == ["data"]
+
+
+def test_huge_numeric_values_and_fills_encode_to_finite_numbers(tmp_path):
+    # found by tests/fuzz: values of 1e300 overflowed the std (taken for "a single value") and
+    # every encoded value became +-inf in float32; a fill of 1e300 did the same to the null rows
+    rows = 60
+    values = [1e300 if i % 7 == 0 else float(i) for i in range(rows)]
+    frame = pl.DataFrame({"big": values, "holes": [None if i % 3 == 0 else float(i) for i in range(rows)],
+                          "click": [i % 2 for i in range(rows)]})
+    (tmp_path / "in").mkdir()
+    frame.write_parquet(tmp_path / "in" / "log.parquet")
+    (tmp_path / "spec.toml").write_text("[features.holes]\nfill = 1e300\n")
+    summary = preprocess([str(tmp_path / "in" / "log.parquet")], ["click"], str(tmp_path / "out"), split="random",
+                         spec=str(tmp_path / "spec.toml"))
+    assert not any("single value" in w for w in summary.warnings)
+    schema = Schema.load(tmp_path / "out")
+    big = schema.feature("big")
+    train = pl.read_parquet(tmp_path / "out" / "train.parquet")
+    assert 0 < big.std < math.inf
+    for split in ("train", "valid", "test"):
+        encoded = pl.read_parquet(tmp_path / "out" / f"{split}.parquet")
+        assert encoded.select(pl.col("big", "holes").is_finite().all()).row(0) == (True, True), split
+    # the train column is standardised: mean 0, std 1
+    assert train["big"].cast(pl.Float64).mean() == pytest.approx(0.0, abs=1e-6)
+    assert train["big"].cast(pl.Float64).std(ddof=0) == pytest.approx(1.0, rel=1e-5)
+    assert train["holes"].max() == pytest.approx(1e6)  # a fill far outside the range is clipped

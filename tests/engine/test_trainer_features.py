@@ -1,6 +1,7 @@
 """What users expect of a trainer: the lr schedule, clipping in the loop, the selection metric, and
 a run directory that is safe to --force, to resume with other flags, and to move."""
 
+import dataclasses
 import json
 import math
 import shutil
@@ -38,7 +39,9 @@ def test_lr_factor_by_hand():
     assert [lr_factor("linear", 4, s, 10) for s in (4, 7, 9)] == [1.0, 0.5, pytest.approx(1 / 6)]
     assert lr_factor("cosine", 4, 7, 10) == pytest.approx(0.5)  # half way: cos(pi / 2) = 0
     assert lr_factor("cosine", 0, 9, 10) == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.9)))
-    assert lr_factor("linear", 0, 50, 10) == 0.0  # past the planned steps (more epochs on resume)
+    # past the planned steps (more epochs on resume): the rate of the last planned update, not 0
+    assert lr_factor("linear", 0, 50, 10) == lr_factor("linear", 0, 9, 10) == pytest.approx(0.1)
+    assert lr_factor("cosine", 4, 12, 10) == lr_factor("cosine", 4, 9, 10)
 
 
 def test_improves_follows_the_metric_direction():
@@ -80,6 +83,27 @@ def test_a_training_run_logs_the_update_change_of_cograds_exact_form(data_dir, t
         assert all(0 < c < 1 for c in r["update_change"]), r["update_change"]
 
 
+def test_resume_with_more_epochs_keeps_the_first_runs_schedule(data_dir, tmp_path, monkeypatch, capsys):
+    import mtrec.engine.loop as loop
+
+    factors = []
+    monkeypatch.setattr(loop, "set_lr", lambda optimizer, factor: factors.append(factor))
+    cfg = TrainConfig(data=str(data_dir), out=str(tmp_path / "run"), epochs=2, lr_schedule="cosine", **SMALL)
+    trainer = Trainer(cfg, quiet=True)
+    trainer.run()
+    steps = math.ceil(len(trainer.train_split) / cfg.batch_size)
+    planned = [lr_factor("cosine", 0, s, 2 * steps) for s in range(2 * steps)]
+    assert factors == planned and factors[-1] < 0.01
+    factors.clear()
+    Trainer(dataclasses.replace(cfg, epochs=3), resume=True, quiet=True).run()
+    # the third epoch continues at the finished schedule's final rate (re-planning over 3 epochs
+    # jumped back to about half the base rate: 0.5 * (1 + cos(pi * 2/3)) = 0.25 .. 0.5)
+    assert len(factors) == steps and set(factors) == {planned[-1]}
+    assert "planned over" in capsys.readouterr().err
+    checkpoint_meta = checkpoint.load(tmp_path / "run" / "last.pt")[1]
+    assert checkpoint_meta["schedule_steps"] == 2 * steps
+
+
 def test_select_logloss_keeps_the_epoch_with_the_lowest_target_logloss(data_dir, tmp_path):
     cfg = TrainConfig(data=str(data_dir), out=str(tmp_path / "run"), epochs=3, patience=3, lr=0.02,
                       select="logloss", **SMALL)
@@ -119,6 +143,43 @@ def test_force_never_removes_the_data_or_a_foreign_folder(data_dir, tmp_path):
     assert (foreign / "notes.txt").read_text() == "keep" and (copy / "schema.json").exists()
 
 
+def _tree(folder):
+    return {str(p.relative_to(folder)): p.read_bytes() if p.is_file() else None for p in sorted(folder.rglob("*"))}
+
+
+def test_force_replaces_only_what_mtrec_train_wrote(data_dir, tmp_path):
+    base = ["train", data_dir, "--target", "like", "--epochs", "1", "--batch-size", "1024", "--embedding-dim", "4",
+            "--quiet"]
+    # a project folder whose config.json is the project's own (a common name): nothing is removed
+    project = tmp_path / "project"
+    (project / "src").mkdir(parents=True)
+    (project / "config.json").write_text('{"name": "my project"}')
+    (project / "src" / "main.py").write_text("print('keep')")
+    before = _tree(project)
+    code, output = invoke(*base, "--out", project, "--force")
+    assert code == 2 and "no config.json written by mtrec train" in output, output
+    assert _tree(project) == before
+    # a run of mtrec train beside a file it did not write: refused, naming the file; the run is intact
+    run = tmp_path / "run"
+    code, output = invoke(*base, "--out", run, "--tensorboard", run / "tb")
+    assert code == 0, output
+    (run / "notes.txt").write_text("keep")
+    (run / "src").mkdir()
+    before = _tree(run)
+    code, output = invoke(*base, "--out", run, "--force")
+    assert code == 2 and "notes.txt, src" in output and "did not write" in output, output
+    assert _tree(run) == before
+    # without them (its own TensorBoard folder and a leftover temporary file are its own): replaced
+    (run / "notes.txt").unlink()
+    (run / "src").rmdir()
+    (run / ".last.pt.abc123.tmp").write_bytes(b"half")
+    code, output = invoke(*base, "--out", run, "--force", "--seed", "5")
+    assert code == 0, output
+    assert json.loads((run / "config.json").read_text())["seed"] == 5
+    assert sorted(p.name for p in run.iterdir()) == ["best.pt", "config.json", "diagnostics.jsonl", "last.pt",
+                                                      "metrics.jsonl", "schema.json"]
+
+
 def test_resume_honours_safe_flags_and_refuses_the_rest(data_dir, tmp_path):
     run = tmp_path / "run"
     code, output = invoke("train", data_dir, "--target", "like", "--epochs", "1", "--batch-size", "512",
@@ -131,6 +192,35 @@ def test_resume_honours_safe_flags_and_refuses_the_rest(data_dir, tmp_path):
     assert [json.loads(x)["epoch"] for x in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2]
     saved = json.loads((run / "config.json").read_text())
     assert saved["epochs"] == 2 and saved["patience"] == 4 and saved["lr"] == 1e-3
+
+
+def _with(command: list[str], flag: str, value: str) -> list[str]:
+    at = command.index(flag) + 1
+    return command[:at] + [value] + command[at + 1:]
+
+
+def test_resume_accepts_the_same_command_and_names_what_really_changed(data_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").symlink_to(data_dir)
+    (tmp_path / "base.toml").write_text('model = "shared-bottom"\nexpert_sizes = [8]\n')
+    command = ["train", "data", "--target", "like", "--tasks", "click,like", "--epochs", "1", "--batch-size",
+               "512", "--embedding-dim", "4", "--lr", "0.001", "--balancer", "uw", "--config", "base.toml",
+               "--out", "run", "--quiet"]
+    code, output = invoke(*command)
+    assert code == 0, output
+    # the same command with --resume added (and more epochs) continues the run
+    code, output = invoke(*_with(command, "--epochs", "2"), "--resume", "run")
+    assert code == 0, output
+    assert [json.loads(x)["epoch"] for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    # a real change is refused, naming the setting with its saved and given values; --force too
+    code, output = invoke(*_with(command, "--lr", "0.01"), "--resume", "run")
+    assert code == 2 and "--lr (saved 0.001, given 0.01)" in output and "Traceback" not in output, output
+    (tmp_path / "other.toml").write_text('model = "mmoe"\n')
+    code, output = invoke("train", "--config", "other.toml", "--resume", "run")
+    assert code == 2 and "--model (saved 'shared-bottom', given 'mmoe')" in output, output
+    code, output = invoke(*command, "--resume", "run", "--force")
+    assert code == 2 and "pass one of the two" in output, output
+    assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 2
 
 
 def test_config_holds_absolute_paths_and_a_moved_run_finds_its_data(data_dir, tmp_path, monkeypatch):

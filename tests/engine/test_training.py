@@ -1,6 +1,7 @@
 """Training end to end through the real CLI process: run directory, resume after SIGKILL and after
 Ctrl-C (bit for bit on CPU), non-finite batches, and flat memory over thousands of steps."""
 
+import ctypes
 import json
 import os
 import shutil
@@ -163,9 +164,21 @@ def test_non_finite_batches_are_skipped_and_counted(data_dir, tmp_path):
     assert len(proc.stderr.strip().splitlines()) == 1
 
 
-def _rss_mib() -> float:
+def _rss_kib() -> float:
+    """Resident memory after handing freed heap back to the OS (glibc ``malloc_trim``), so that RSS
+    follows what is alive rather than when the allocator's arenas happen to grow."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: RSS as it is (noisier)
+        pass
     with open("/proc/self/statm") as fh:
-        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**10
+
+
+# Growth allowed over steps 500..2000, once the allocator has settled. Measured on the 2-core VM:
+# without a leak 44-72 KiB (up to ~370 KiB arrive in steps 0-500: caches, arenas); with a leak of
+# 1 KiB a step injected into this loop, 2,100 KiB. 512 KiB catches any leak above ~0.35 KiB a step.
+_GROWTH_KIB = 512
 
 
 @pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="needs /proc to read RSS")
@@ -191,13 +204,13 @@ def test_memory_stays_flat_over_2000_metabalance_steps(data_dir):
             stepper.step(codes, numeric, labels)
             step += 1
             if step % 100 == 0:
-                samples[step] = _rss_mib()
+                samples[step] = _rss_kib()
             if step == 2000:
                 break
         epoch += 1
-    after_200 = samples[200]
-    peak = max(v for s, v in samples.items() if s >= 200)
-    assert peak < after_200 * 1.02, f"RSS grew from {after_200:.1f} MiB to {peak:.1f} MiB"
+    settled = samples[500]
+    growth = {s: round(v - settled) for s, v in samples.items() if s > 500}
+    assert max(growth.values()) < _GROWTH_KIB, f"RSS grew after step 500 (KiB by step): {growth}"
 
 
 def test_host_resident_split_trains_exactly_like_a_device_resident_one(data_dir, tmp_path):

@@ -283,12 +283,12 @@ CORRUPT_JSON = {"truncated": b'{"model": "mm', "empty": b"", "a list": b"[1, 2]"
 @pytest.mark.parametrize("command", ["evaluate", "train --resume", "plot"])
 def test_a_corrupt_config_json_is_one_line(world, tmp_path, command, content):
     run = _run_copy(world, tmp_path, lambda d: (d / "config.json").write_bytes(CORRUPT_JSON[content]))
-    before = {p.name: p.read_bytes() for p in run.iterdir()}
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
     args = {"evaluate": ["evaluate", run, "--device", "cpu"], "train --resume": ["train", "--resume", run],
             "plot": ["plot", run, "--out", tmp_path / "figs"]}[command]
     code, out = invoke(*args)
     assert_user_error(code, out, "config.json", "corrupt")
-    assert {p.name: p.read_bytes() for p in run.iterdir()} == before
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
 
 
 def test_a_corrupt_compare_json_is_one_line(tmp_path):

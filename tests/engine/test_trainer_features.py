@@ -176,8 +176,8 @@ def test_force_replaces_only_what_mtrec_train_wrote(data_dir, tmp_path):
     code, output = invoke(*base, "--out", run, "--force", "--seed", "5")
     assert code == 0, output
     assert json.loads((run / "config.json").read_text())["seed"] == 5
-    assert sorted(p.name for p in run.iterdir()) == ["best.pt", "config.json", "diagnostics.jsonl", "last.pt",
-                                                      "metrics.jsonl", "schema.json"]
+    assert sorted(p.name for p in run.iterdir()) == ["best.pt", "config.json", "diagnostics.jsonl", "encoder.json",
+                                                      "last.pt", "metrics.jsonl", "schema.json", "vocab"]
 
 
 def test_resume_honours_safe_flags_and_refuses_the_rest(data_dir, tmp_path):

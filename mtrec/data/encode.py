@@ -183,6 +183,9 @@ def encode(frame: pl.LazyFrame | pl.DataFrame, schema: Schema, vocab_dir: str | 
         if schema.user not in schema_in:
             raise UserError(f"the raw log lacks the user column {schema.user!r} (needed for GAUC / NDCG): "
                             "pass logs with the same columns as at preprocess")
+        if schema_in[schema.user].is_nested():  # the groups hash one value per row
+            raise UserError(f"the user column {schema.user!r} is {schema_in[schema.user]} in the raw log: a user id "
+                            "holds one value per row, as at preprocess; pass logs with the same column types")
         outputs.append(user_group_expr(schema.user, schema_in[schema.user]))
     encoded = plan.select(*outputs, *keep)
     return encoded if lazy else encoded.collect(engine="streaming")

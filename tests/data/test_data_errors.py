@@ -222,3 +222,16 @@ def test_a_list_column_cannot_be_the_user_or_item_id(tmp_path, raw_log, role):
     path = write(tmp_path / "in", log)
     fails(tmp_path, [path], match=f"--{role} column 'history' is List\\(Int64\\): an id holds one value per row",
           **{role: "history"})
+
+
+def test_encode_refuses_a_list_user_column(tmp_path, raw_log):
+    # found by tests/fuzz: a user column that is no feature (all null at preprocess) and arrives as
+    # lists in a raw log crashed the user-group hash with a Polars traceback
+    (tmp_path / "in").mkdir()
+    log = raw_log.with_columns(pl.lit(None).alias("visitor"))
+    path = write(tmp_path / "in", log)
+    preprocess([str(path)], LABELS, str(tmp_path / "out"), exclude=["rank"], user="visitor")
+    schema = Schema.load(tmp_path / "out")
+    assert "visitor" not in [f.name for f in schema.features]
+    with pytest.raises(UserError, match="user column 'visitor' is List\\(Int64\\) in the raw log"):
+        encode(log.with_columns(pl.concat_list("user_id").alias("visitor")), schema, tmp_path / "out" / "vocab")

@@ -5,8 +5,10 @@ and negative ids, UInt64 ids past 2**63, floats with NaN / inf / huge values, st
 all-null columns, list columns of every element type; odd labels: counts, strings, NaN, nulls,
 no positive), a TOML feature spec (valid and invalid options), preprocess flags and a training
 config, then runs ``preprocess``, ``train`` (one epoch, tiny, CPU), ``evaluate`` (the encoded
-test split, the raw log, and a second log with one column redrawn or dropped) and ``predict`` (both
-logs) in-process on ``mtrec.cli.app``, in a temporary folder. For every example and every command:
+test split, the raw log, and a second log with one column redrawn or dropped), the same ``train``
+command with ``--resume`` added and ``--epochs 2`` (it must continue the run), and ``predict``
+(both logs), in-process on ``mtrec.cli.app``, in a temporary folder. For every example and every
+command:
 
 - exit 0 with a correct result (the splits hold every input row; the run has its checkpoint and
   one epoch of metrics; evaluate prints metrics in range for every task), or exit 2 with one
@@ -274,6 +276,13 @@ def check_case(root: Path, log: pl.DataFrame, preprocess: list[str], spec: str |
         event(f"evaluate {' '.join(Path(e).name for e in extra)} exit {code}")
         if code == 0:  # a raw log without some label scores the other tasks (docs/reliability.md)
             check_metrics(json.loads(out)["metrics"], [t for t in config["tasks"] if t in frame.columns], shown)
+    # the same train command with --resume added and one more epoch continues the run
+    again = [*train[:train.index("--epochs")], "--epochs", "2", *train[train.index("--epochs") + 2:]]
+    code, _, shown = run(root, ["train", data, *again, "--out", run_dir, "--resume", run_dir], run_dir)
+    event(f"train --resume exit {code}")
+    if code == 0:
+        history = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        assert [r["epoch"] for r in history] == [1, 2], shown
     # predict is checked for the invariants (exit, one line, nothing else touched, nothing half
     # written) and that it writes one row per input row
     for source in (raw, other_raw):

@@ -5,7 +5,6 @@ a raw log is encoded with the run's own vocabularies and scored chunk by chunk."
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import polars as pl
@@ -13,6 +12,7 @@ import torch
 
 from mtrec.core.console import err_console
 from mtrec.core.errors import UserError
+from mtrec.core.files import read_json_object
 from mtrec.data.stream import ParquetSplit
 from mtrec.data.tensors import frame_to_split
 from mtrec.engine import checkpoint
@@ -38,7 +38,9 @@ def load_run(run_dir: str | Path, which: str = "best", device: str = "cpu"):
                           "using last.pt", markup=False, highlight=False, soft_wrap=True)
         path = run_dir / "last.pt"
     state, meta = checkpoint.load(path, map_location=device)
-    schema = Schema.from_dict(json.loads((run_dir / "schema.json").read_text()))
+    schema_file = run_dir / "schema.json"
+    schema = Schema.from_dict(read_json_object(schema_file, "the run directory is damaged: train again"),
+                              where=str(schema_file))
     model, _ = build_for(cfg, schema, tasks)
     try:
         model.load_state_dict(state["model"])

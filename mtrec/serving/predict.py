@@ -83,7 +83,8 @@ def predict_log(run_dir: str | Path, raw: list[str], out: str | Path, *, keep: l
     if any(f.resolve() == out.resolve() for f in files):
         raise UserError(f"--out {out} is one of the inputs: choose another file")
     columns = frame.collect_schema()
-    keep = [c for c in (schema.user, schema.item) if c and c in columns] if keep is None else keep
+    if keep is None:  # the user and item columns, once each (a log may use one column as both)
+        keep = list(dict.fromkeys(c for c in (schema.user, schema.item) if c and c in columns))
     check_keep(keep, names, frame)
     frame = frame.with_columns(pl.col(c).alias(_KEEP + c) for c in keep)
     encoded = encode(frame, schema, encoder.vocab_dir, labels=[], check=False, keep=tuple(_KEEP + c for c in keep))

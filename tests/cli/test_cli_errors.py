@@ -291,6 +291,14 @@ def test_a_corrupt_config_json_is_one_line(world, tmp_path, command, content):
     assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
 
 
+@pytest.mark.parametrize("content", list(CORRUPT_JSON))
+def test_a_corrupt_run_schema_json_is_one_line(world, tmp_path, content):
+    """evaluate rebuilds the model from the run's schema.json: a damaged one is one line, exit 2."""
+    run = _run_copy(world, tmp_path, lambda d: (d / "schema.json").write_bytes(CORRUPT_JSON[content]))
+    code, out = invoke("evaluate", run, "--device", "cpu")
+    assert_user_error(code, out, "schema.json", "corrupt")
+
+
 def test_a_corrupt_compare_json_is_one_line(tmp_path):
     from mtrec.research.compare import SETTINGS_FILE
 

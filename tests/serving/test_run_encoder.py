@@ -95,3 +95,18 @@ def test_predict_keep_mistakes_are_one_line(fresh_run, tmp_path, keep, needle):
                        "--device", "cpu")
     assert_user_error(code, out, needle)
     assert not (tmp_path / "p.parquet").exists()
+
+
+def test_predict_keeps_a_column_that_is_both_the_user_and_the_item_once(tmp_path):
+    """One column given as --user and --item at preprocess: predict's default --keep names it once
+    (it named it twice, a Polars traceback; found by tests/fuzz)."""
+    from serving_helpers import TINY
+
+    ok("synth", "--rows", 1500, "--seed", 3, "--out", tmp_path / "log.parquet")
+    ok("preprocess", tmp_path / "log.parquet", "--labels", "click,like,share", "--user", "user_id", "--item",
+       "user_id", "--time", "ts", "--out", tmp_path / "data")
+    ok("train", tmp_path / "data", "--model", "shared-bottom", "--target", "click", *TINY, "--out", tmp_path / "run")
+    preds = _predict(tmp_path, tmp_path / "p.parquet")
+    log = pl.read_parquet(tmp_path / "log.parquet")
+    assert preds.columns == ["user_id", "p_click", "p_like", "p_share"]
+    assert preds["user_id"].equals(log["user_id"])

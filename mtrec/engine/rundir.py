@@ -70,10 +70,8 @@ class RunDir:
             if self.path.is_dir():
                 saved = _train_config(self.path) or {}
                 for entry in self.path.iterdir():
-                    if _written_by_train(entry, saved) and entry.is_dir():
-                        shutil.rmtree(entry)
-                    elif _written_by_train(entry, saved):
-                        entry.unlink()
+                    if _written_by_train(entry, saved):
+                        shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
             self.path.mkdir(parents=True, exist_ok=True)
             atomic_write_text(self.path / "schema.json", json.dumps(schema.to_dict(), indent=2))
             copy_encoder(schema, Path(data) / "vocab", self.path)

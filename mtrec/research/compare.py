@@ -189,7 +189,6 @@ class CompareInterrupted(Exception):
 class _Job:
     cell: Cell
     phase: str  # train, resume or evaluate
-    proc: subprocess.Popen
     stdout: Path | None
 
 
@@ -227,6 +226,46 @@ def _last_line(path: Path) -> str:
     return lines[-1] if lines else "(no output on stderr)"
 
 
+def job_env(jobs: int) -> dict[str, str]:
+    """The environment of ``jobs`` mtrec subprocesses run at once: the cores (or the caller's
+    OMP_NUM_THREADS) divided between them."""
+    env = dict(os.environ)
+    limit = int(env["OMP_NUM_THREADS"]) if env.get("OMP_NUM_THREADS", "").isdigit() else None
+    threads = str(threads_per_job(jobs, limit=limit))
+    env.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
+    return env
+
+
+def run_jobs(queue: list, jobs: int, start, finish, say, what: str) -> bool:
+    """Run ``queue``'s items as subprocesses, at most ``jobs`` at once (compare's cells, a race's
+    runs): ``start(item) -> (process, handle)`` launches one, ``finish(handle, exit_code, stopping)``
+    handles its end and returns follow-up items, which run first. Ctrl-C sends SIGINT to every
+    running process (each saves its checkpoint) and waits for them. Returns whether it was
+    interrupted."""
+    queue, running, stopping = list(queue), [], False
+    while queue or running:
+        try:
+            while queue and len(running) < jobs and not stopping:
+                running.append(start(queue.pop(0)))
+            for entry in list(running):
+                code = entry[0].poll()
+                if code is not None:
+                    running.remove(entry)
+                    queue[:0] = finish(entry[1], code, stopping)
+            if stopping and not running:
+                break
+            time.sleep(0.05)
+        except KeyboardInterrupt:
+            if not stopping:
+                say(f"interrupted: waiting for the running {what} to save their checkpoints")
+            stopping = True
+            queue.clear()
+            for proc, _ in running:
+                if proc.poll() is None:
+                    proc.send_signal(signal.SIGINT)
+    return stopping
+
+
 def run_grid(grid: Grid, out: Path, jobs: int = 1, say=print) -> dict[str, int]:
     """Train and evaluate every cell of ``grid`` that is not evaluated yet, ``jobs`` subprocesses at
     a time. Returns how many cells were {evaluated already, done now, failed}. A failed cell is
@@ -234,27 +273,26 @@ def run_grid(grid: Grid, out: Path, jobs: int = 1, say=print) -> dict[str, int]:
     out = Path(out)
     (out / LOG_DIR).mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / SETTINGS_FILE, json.dumps(grid.__dict__, indent=2))
-    env = dict(os.environ)
-    limit = int(env["OMP_NUM_THREADS"]) if env.get("OMP_NUM_THREADS", "").isdigit() else None
-    threads = str(threads_per_job(jobs, limit=limit))
-    env.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
+    env = job_env(jobs)
 
-    todo: list[tuple[Cell, str, str]] = []  # (cell, first phase, state)
+    todo: list[tuple[Cell, str, str, bool]] = []  # (cell, first phase, state, announce it)
     counts = {"skipped": 0, "done": 0, "failed": 0}
     for cell in grid.cells:
         state = cell_state(out / cell.name)
         if state == "evaluated":
             counts["skipped"] += 1
             continue
-        todo.append((cell, {"trained": "evaluate", "interrupted": "resume"}.get(state, "train"), state))
+        todo.append((cell, {"trained": "evaluate", "interrupted": "resume"}.get(state, "train"), state, True))
     if counts["skipped"]:
         say(f"{counts['skipped']} of {len(grid.cells)} cells already evaluated: skipped")
 
-    running: list[_Job] = []
     total, finished = len(todo), 0
     began: dict[Cell, float] = {}
 
-    def start(cell: Cell, phase: str, state: str) -> None:
+    def start(item: tuple[Cell, str, str, bool]) -> tuple[subprocess.Popen, _Job]:
+        cell, phase, state, announce = item
+        if announce:
+            say(f"{cell.name}: {ACTIVITY[phase]}")
         _failure_path(out, cell).unlink(missing_ok=True)
         stderr = open(out / LOG_DIR / f"{cell.name}.{phase}.log", "w")
         stdout_path = out / LOG_DIR / f".{cell.name}.eval.json.tmp" if phase == "evaluate" else None
@@ -266,15 +304,14 @@ def run_grid(grid: Grid, out: Path, jobs: int = 1, say=print) -> dict[str, int]:
             if stdout_path:
                 stdout.close()
         began.setdefault(cell, time.perf_counter())
-        running.append(_Job(cell, phase, proc, stdout_path))
+        return proc, _Job(cell, phase, stdout_path)
 
-    def finish(job: _Job, code: int, stopping: bool) -> None:
+    def finish(job: _Job, code: int, stopping: bool) -> list:
         nonlocal finished
         log = out / LOG_DIR / f"{job.cell.name}.{job.phase}.log"
         if code == 0 and job.phase != "evaluate":
-            if not stopping:  # trained: evaluate it (the next run does when Ctrl-C came first)
-                start(job.cell, "evaluate", "trained")
-            return
+            # trained: evaluate it next (the next run does when Ctrl-C came first)
+            return [] if stopping else [(job.cell, "evaluate", "trained", False)]
         if code == 0:
             try:
                 result = json.loads(job.stdout.read_text())
@@ -286,44 +323,21 @@ def run_grid(grid: Grid, out: Path, jobs: int = 1, say=print) -> dict[str, int]:
                 finished += 1
                 counts["done"] += 1
                 say(f"[{finished}/{total}] {job.cell.name}: done ({time.perf_counter() - began[job.cell]:.0f} s)")
-                return
+                return []
         else:
             error = _last_line(log)
         if job.stdout:
             job.stdout.unlink(missing_ok=True)
         if stopping:
-            return  # interrupted by Ctrl-C, not failed: the next run continues it
+            return []  # interrupted by Ctrl-C, not failed: the next run continues it
         finished += 1
         counts["failed"] += 1
         record = {"phase": job.phase, "exit_code": code, "error": error, "log": str(log)}
         atomic_write_text(_failure_path(out, job.cell), json.dumps(record, indent=2))
         say(f"[{finished}/{total}] {job.cell.name}: FAILED in {job.phase} (exit {code}): {error}")
+        return []
 
-    queue = list(todo)
-    stopping = False
-    while queue or running:
-        try:
-            while queue and len(running) < jobs and not stopping:
-                cell, phase, state = queue.pop(0)
-                say(f"{cell.name}: {ACTIVITY[phase]}")
-                start(cell, phase, state)
-            for job in list(running):
-                code = job.proc.poll()
-                if code is not None:
-                    running.remove(job)
-                    finish(job, code, stopping)
-            if stopping and not running:
-                break
-            time.sleep(0.05)
-        except KeyboardInterrupt:
-            if not stopping:
-                say("interrupted: waiting for the running cells to save their checkpoints")
-            stopping = True
-            queue.clear()
-            for job in running:
-                if job.proc.poll() is None:
-                    job.proc.send_signal(signal.SIGINT)
-    if stopping:
+    if run_jobs(todo, jobs, start, finish, say, "cells"):
         raise CompareInterrupted()
     return counts
 

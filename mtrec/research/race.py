@@ -21,12 +21,11 @@ from typing import Any
 from mtrec.core.config import parse_opt, read_run_config
 from mtrec.core.errors import UserError
 from mtrec.core.files import atomic_write_text, read_jsonl
-from mtrec.research.compare import check_train_args, mean_std, paired_interval
+from mtrec.research.compare import LOG_DIR, _flag_value, check_train_args, mean_std, paired_interval
 
 SETTINGS_FILE = "race.json"
 RESULT_FILE = "result.json"
 CONFIG_FILE = "train.toml"
-LOG_DIR = "logs"
 LOWER_IS_BETTER = {"auc": False, "gauc": False, "logloss": True}
 # Flags the race sets per run (or that would break the race), and what to use instead.
 OWN_FLAGS = {"--model": "--model (a race option)", "--balancer": "--balancers", "--balancer-opt": "--grid",
@@ -108,12 +107,6 @@ def _without_flag(args: list[str], flag: str) -> list[str]:
         elif not token.startswith(flag + "="):
             kept.append(token)
     return kept
-
-
-def _flag_value(args: list[str], flag: str) -> str | None:
-    from mtrec.research.compare import _flag_value as value
-
-    return value(args, flag)
 
 
 # --- the race's settings ------------------------------------------------------------------------

@@ -8,19 +8,15 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from mtrec.core.files import atomic_write_text
-from mtrec.research.compare import _last_line, _mtrec, cell_state, threads_per_job
+from mtrec.research.compare import LOG_DIR, _flag_value, _last_line, _mtrec, cell_state, job_env, run_jobs
 from mtrec.research.race import (
-    LOG_DIR,
     Arm,
     Race,
-    _flag_value,
     reached,
     references,
     replay,
@@ -74,27 +70,25 @@ def record_failure(out: Path, job: Job, code: int, error: str, log: Path) -> Non
     atomic_write_text(failure_path(out, job.run, job.final), json.dumps(record, indent=2))
 
 
-def run_jobs(jobs_list: list[Job], out: Path, jobs: int, say) -> int:
+def run_race_jobs(jobs_list: list[Job], out: Path, jobs: int, say) -> int:
     """Run the jobs, ``jobs`` subprocesses at a time with the cores divided between them. A failing
     job is recorded in logs/<run>.failed.json; an evaluation's JSON becomes <run>/eval.json.
     Returns the number of failures; Ctrl-C stops the running jobs and raises RaceInterrupted."""
-    env = dict(os.environ)
-    limit = int(env["OMP_NUM_THREADS"]) if env.get("OMP_NUM_THREADS", "").isdigit() else None
-    threads = str(threads_per_job(jobs, limit=limit))
-    env.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
-    queue, running, failures, stopping = list(jobs_list), [], 0, False
+    env = job_env(jobs)
+    failures = 0
 
-    def start(job: Job) -> None:
+    def start(job: Job) -> tuple[subprocess.Popen, tuple[Job, Path, Path]]:
         log = out / LOG_DIR / f"{job.run}.{job.phase}.log"
         stdout_path = out / LOG_DIR / f".{job.run}.eval.json.tmp"
         with open(log, "w") as stderr, open(stdout_path if job.phase == "evaluate" else os.devnull, "w") as stdout:
-            running.append((job, subprocess.Popen(job.command, env=env, stdout=stdout, stderr=stderr), log,
-                            stdout_path))
+            return subprocess.Popen(job.command, env=env, stdout=stdout, stderr=stderr), (job, log, stdout_path)
 
-    def finish(job: Job, code: int, log: Path, stdout_path: Path) -> int:
+    def finish(handle: tuple[Job, Path, Path], code: int, stopping: bool) -> list:
+        nonlocal failures
+        job, log, stdout_path = handle
         if stopping:
             stdout_path.unlink(missing_ok=True)
-            return 0  # interrupted, not failed: the next run continues it
+            return []  # interrupted, not failed: the next run continues it
         error = None
         if code == 0 and job.phase == "evaluate":
             try:
@@ -104,34 +98,14 @@ def run_jobs(jobs_list: list[Job], out: Path, jobs: int, say) -> int:
             else:
                 atomic_write_text(out / job.run / "eval.json", json.dumps(result, indent=2))
         stdout_path.unlink(missing_ok=True)
-        if code == 0:
-            return 0
-        error = error or _last_line(log)
-        record_failure(out, job, code, error, log)
-        say(f"{job.run}: FAILED in {job.phase} (exit {code}): {error}")
-        return 1
+        if code != 0:
+            error = error or _last_line(log)
+            record_failure(out, job, code, error, log)
+            say(f"{job.run}: FAILED in {job.phase} (exit {code}): {error}")
+            failures += 1
+        return []
 
-    while queue or running:
-        try:
-            while queue and len(running) < jobs and not stopping:
-                start(queue.pop(0))
-            for entry in list(running):
-                code = entry[1].poll()
-                if code is not None:
-                    running.remove(entry)
-                    failures += finish(entry[0], code, entry[2], entry[3])
-            if stopping and not running:
-                break
-            time.sleep(0.05)
-        except KeyboardInterrupt:
-            if not stopping:
-                say("interrupted: waiting for the running runs to save their checkpoints")
-            stopping = True
-            queue.clear()
-            for _, proc, _, _ in running:
-                if proc.poll() is None:
-                    proc.send_signal(signal.SIGINT)
-    if stopping:
+    if run_jobs(jobs_list, jobs, start, finish, say, "runs"):
         raise RaceInterrupted()
     return failures
 
@@ -158,7 +132,7 @@ def run_race(race: Race, out: Path, jobs: int = 1, say=print) -> dict:
         todo = [train_job(race, out, by_name[name], seed, epoch) for name, seeds in pending["runs"].items()
                 for seed in seeds]
         say(f"rung at epoch {epoch}: {len(pending['runs'])} arms, {len(todo)} runs to train")
-        run_jobs(todo, out, jobs, say)
+        run_race_jobs(todo, out, jobs, say)
         for job in todo:  # a run that exited 0 must have reached the rung, or the race would not advance
             progress = run_progress(out / job.run, race.metric)
             if not reached(progress, epoch) and not failure_path(out, job.run).exists():
@@ -182,10 +156,10 @@ def finish_references(race: Race, out: Path, winner: str, jobs: int, say) -> Non
             if not reached(run_progress(out / arm.run_name(seed), race.metric), race.budget)]
     if todo:
         say(f"continuing {len(todo)} reference runs to the budget ({race.budget} epochs) for the test comparison")
-        run_jobs(todo, out, jobs, say)
+        run_race_jobs(todo, out, jobs, say)
     failed = {job.run for job in todo if failure_path(out, job.run, final=True).exists()}
     evaluations = [evaluate_job(race, out, arm, seed) for arm in arms for seed in race.seeds
                    if arm.run_name(seed) not in failed and not (out / arm.run_name(seed) / "eval.json").exists()]
     if evaluations:
         say(f"scoring {len(evaluations)} runs on the test split (winner {winner}, ew, single)")
-        run_jobs(evaluations, out, jobs, say)
+        run_race_jobs(evaluations, out, jobs, say)

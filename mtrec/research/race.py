@@ -20,7 +20,7 @@ from typing import Any
 
 from mtrec.core.config import parse_opt, read_run_config
 from mtrec.core.errors import UserError
-from mtrec.core.files import atomic_write_text, read_jsonl
+from mtrec.core.files import atomic_write_text, read_json_object, read_jsonl
 from mtrec.research.compare import LOG_DIR, _flag_value, check_train_args, mean_std, paired_interval
 
 SETTINGS_FILE = "race.json"
@@ -139,7 +139,7 @@ def make_race(data: str, balancers: list[str], grid_specs: list[str], seeds: lis
     if not (Path(data) / "schema.json").exists():
         raise UserError(f"{data} is not a directory made by mtrec preprocess (no schema.json); "
                         "DATA comes first, then the flags")
-    labels = json.loads((Path(data) / "schema.json").read_text()).get("labels") or []
+    labels = read_json_object(Path(data) / "schema.json", "re-run mtrec preprocess").get("labels") or []
     if not target or target not in labels:
         raise UserError(f"--target must be one of the labels of {data}: {', '.join(labels)}")
     if model == "single" or model not in model_names():
@@ -189,7 +189,11 @@ def load_race(out: Path) -> Race:
     path = Path(out) / SETTINGS_FILE
     if not path.exists():
         raise UserError(f"{out} is not a race directory (no {SETTINGS_FILE}): pass the --out of mtrec race")
-    return Race(**json.loads(path.read_text()))
+    values = read_json_object(path, "restore it, or race again in another --out")
+    try:
+        return Race(**values)
+    except TypeError as err:  # a key missing or unknown
+        raise UserError(f"{path} is corrupt ({err}): restore it, or race again in another --out") from err
 
 
 def check_same_race(out: Path, requested: Race) -> None:
@@ -245,7 +249,7 @@ def run_progress(run_dir: Path, metric: str) -> dict | None:
     history = read_jsonl(log) if log.exists() else []
     if not history:
         return None
-    patience = json.loads((run_dir / "config.json").read_text()).get("patience", 2)
+    patience = read_json_object(run_dir / "config.json", "the run directory is damaged").get("patience", 2)
     return {"history": history, "epochs": len(history),
             "early_stopped": _since_best(history, metric) >= patience}
 

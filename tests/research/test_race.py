@@ -197,6 +197,17 @@ def test_result_recomputed_by_hand(tmp_path):
     assert broken["pcgrad"]["rank"] == 5
 
 
+@pytest.mark.parametrize("content", [b'{"data": "d', b"[1, 2]", b'{"data": "d", "unknown": 1}'])
+def test_a_corrupt_race_json_is_one_line(tmp_path, content):
+    """A truncated, non-object or hand-broken race.json is one line and exit 2, not a traceback."""
+    fake_race(tmp_path)
+    (tmp_path / racing.SETTINGS_FILE).write_bytes(content)
+    result = CliRunner().invoke(app, ["race", "--summarize", str(tmp_path), "--json"])
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert result.exit_code == 2 and len(errors) == 1 and "race.json" in errors[0], result.output
+    assert "Traceback" not in result.output
+
+
 def test_the_single_task_model_winning_is_said(tmp_path):
     race = fake_race(tmp_path, budget=1)
     for arm in race.arm_list:

@@ -3,10 +3,17 @@
     python bench/bench_train.py                       # CPU, 1M synthetic rows, every architecture, EW
     python bench/bench_train.py --balancers all       # every registered balancer x scope, ratio to EW
     python bench/bench_train.py --device cuda --rows 10000000 --batch-sizes 4096,16384
+    python bench/bench_train.py --device cuda --fields 26 --models mmoe --compile --placements device,host,stream
 
-Steps are timed one by one (CUDA-synchronised), after warm-up; the median is reported. The data is
-generated with `mtrec synth` and encoded with `mtrec preprocess` in the same run (preprocessing
-rows/s is printed too). Nothing else should run on the machine while this does.
+After warm-up, ``--steps`` steps run back to back and are timed as a block (one synchronisation at
+the end, as in training; the step keeps its own one host sync), so a figure is the steady-state
+samples/s of the step on batches already sliced. ``--placements`` times the training loop's own
+feed (engine.feed: index slices on the device, pinned host batches copied one ahead, or the Parquet
+stream reader) with the same step. ``--compile`` also times the network's forward under
+``torch.compile`` (compile time reported). The data is generated with `mtrec synth` (``--fields``
+adds integer categorical columns up to that many feature fields) and encoded with `mtrec
+preprocess` in the same run, or reused from ``--data``. Nothing else should run on the machine
+while this does.
 """
 
 from __future__ import annotations
@@ -14,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import statistics
 import sys
 import tempfile
 import time
@@ -34,12 +40,25 @@ from mtrec.engine.step import Stepper  # noqa: E402
 TASKS = ["click", "like", "share"]
 
 
-def prepare(rows: int, seed: int, workdir: Path) -> tuple[Path, float]:
+SYNTH_FIELDS = 11  # the synthetic log's feature columns: user, item, 7 side features, 2 numeric
+
+
+def prepare(rows: int, seed: int, workdir: Path, fields: int = SYNTH_FIELDS) -> tuple[Path, float]:
+    """Synthesize and encode ``rows``; ``fields`` beyond the synthetic log's own are integer columns
+    of 10 to 100,000 distinct values (a Criteo-like spread), drawn in one vectorised pass."""
+    import numpy as np
+    import polars as pl
+
     from mtrec.data.preprocess import preprocess
     from mtrec.data.synth import write_synthetic
 
     raw = workdir / "log.parquet"
     write_synthetic(raw, rows=rows, seed=seed)
+    if fields > SYNTH_FIELDS:
+        rng = np.random.default_rng(seed)
+        extra = {f"c{i:02d}": rng.integers(0, 10 ** (1 + i % 5), rows, dtype=np.int32)
+                 for i in range(fields - SYNTH_FIELDS)}
+        pl.read_parquet(raw).with_columns(**{k: pl.Series(v) for k, v in extra.items()}).write_parquet(raw)
     started = time.perf_counter()
     preprocess([str(raw)], TASKS, str(workdir / "data"), user="user_id", item="item_id", time="ts")
     return workdir / "data", rows / (time.perf_counter() - started)
@@ -50,8 +69,25 @@ def sync(device):
         torch.cuda.synchronize()
 
 
+def timed_block(step, batches: list, device, warmup: int) -> float:
+    """Seconds per step of ``step(*batch)`` over ``batches[warmup:]``, run back to back."""
+    for batch in batches[:warmup]:
+        step(*batch)
+    sync(device)
+    started = time.perf_counter()
+    for batch in batches[warmup:]:
+        step(*batch)
+    sync(device)
+    return (time.perf_counter() - started) / max(len(batches) - warmup, 1)
+
+
+def peak_mib(device) -> float:
+    return (torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda"
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+
+
 def time_steps(data: Path, model: str, balancer: str, scope: str, batch: int, device, steps: int, warmup: int,
-               opts: dict) -> dict:
+               opts: dict, compile: bool = False) -> dict:
     cfg = TrainConfig(data=str(data), model=model, target="share", balancer=balancer, scope=scope,
                       balancer_opts=opts, device=device.type)
     schema = Schema.load(data)
@@ -63,36 +99,67 @@ def time_steps(data: Path, model: str, balancer: str, scope: str, batch: int, de
     net.to(device)
     bal.to(device)
     opt = make_optimizer(net, bal, cfg, device)
+    compile_s = None
+    if compile:  # the network's forward only: the balancer's per-task gradients stay eager
+        net.forward = torch.compile(net.forward, dynamic=False)
     stepper = Stepper(net, bal, opt, scope or bal.default_scope, device, autocast_dtype(cfg, device))
     n = len(split)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    times = []
+    batches = []
     for i in range(warmup + steps):
         start = (i * batch) % max(n - batch, 1)
-        idx = torch.arange(start, start + batch, device=device)
-        codes, num, labels = split.codes[idx], split.numeric[idx], split.labels[idx]
+        batches.append((split.codes[start:start + batch], split.numeric[start:start + batch],
+                        split.labels[start:start + batch]))
+    if compile:
+        started = time.perf_counter()
+        stepper.step(*batches[0])
         sync(device)
-        t0 = time.perf_counter()
-        stepper.step(codes, num, labels)
-        sync(device)
-        if i >= warmup:
-            times.append(time.perf_counter() - t0)
-    median = statistics.median(times)
-    peak = (torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda"
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+        compile_s = time.perf_counter() - started
+    seconds = timed_block(stepper.step, batches, device, warmup)
     return {"model": model, "balancer": balancer, "scope": scope or bal.default_scope, "batch": batch,
-            "step_ms": median * 1e3, "samples_per_s": batch / median, "peak_mib": peak}
+            "compiled": compile, "compile_s": compile_s, "step_ms": seconds * 1e3, "samples_per_s": batch / seconds,
+            "peak_mib": peak_mib(device)}
+
+
+def time_placement(data: Path, model: str, batch: int, device, placement: str, steps: int, warmup: int) -> dict:
+    """The training loop's own feed for ``placement`` and its step (EW), timed as a block."""
+    from mtrec.engine.build import build_run
+    from mtrec.engine.feed import epoch_batches, load_splits
+
+    cfg = TrainConfig(data=str(data), out=str(data.parent / f"run-{placement}"), model=model, target="share",
+                      batch_size=batch, device=device.type, data_placement=placement)
+    run = build_run(cfg)
+    train_split, _ = load_splits(run)
+    stepper = run.stepper()
+    feed = epoch_batches(run, train_split, epoch=0, start=0)
+    batches = (b for _, b in zip(range(warmup + steps), feed))  # drawn as the steps run, as in training
+    for _, b in zip(range(warmup), batches):
+        stepper.step(*b)
+    sync(device)
+    started = time.perf_counter()
+    done = 0
+    for b in batches:
+        stepper.step(*b)
+        done += 1
+    sync(device)
+    seconds = (time.perf_counter() - started) / max(done, 1)
+    return {"model": model, "placement": placement, "batch": batch, "steps": done, "step_ms": seconds * 1e3,
+            "samples_per_s": batch / seconds}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", type=int, default=1_000_000)
+    ap.add_argument("--fields", type=int, default=SYNTH_FIELDS, help="feature fields (extra integer columns)")
+    ap.add_argument("--data", type=Path, help="encoded data to reuse, or where to keep the data this run makes")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--batch-sizes", default="4096,16384")
     ap.add_argument("--models", default="single,shared-bottom,mmoe,ple")
     ap.add_argument("--balancers", default="ew", help="comma list, or 'all' for every registered balancer")
     ap.add_argument("--scopes", default="shared", help="comma list of shared,all,representation")
+    ap.add_argument("--compile", action="store_true", help="also time EW with the forward under torch.compile")
+    ap.add_argument("--placements", default="", help="also time the loop's feed: comma list of device,host,stream")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
@@ -103,9 +170,13 @@ def main() -> None:
     device = torch.device(args.device)
     names = balancers.names() if args.balancers == "all" else args.balancers.split(",")
     with tempfile.TemporaryDirectory() as tmp:
-        data, prep_rate = prepare(args.rows, 0, Path(tmp))
-        print(f"preprocess: {args.rows:,} rows at {prep_rate:,.0f} rows/s")
-        rows = []
+        if args.data and (args.data / "schema.json").exists():
+            data, prep_rate = args.data, None
+        else:
+            workdir = args.data.parent if args.data else Path(tmp)
+            data, prep_rate = prepare(args.rows, 0, workdir, args.fields)
+            print(f"preprocess: {args.rows:,} rows, {args.fields} fields at {prep_rate:,.0f} rows/s", flush=True)
+        rows, placed = [], []
         for model in args.models.split(","):
             for batch in (int(b) for b in args.batch_sizes.split(",")):
                 base = None
@@ -124,8 +195,24 @@ def main() -> None:
                         print(f"{model:14s} {name:12s} {r['scope']:14s} batch {batch:6d}  {r['step_ms']:8.2f} ms  "
                               f"{r['samples_per_s']:12,.0f} samples/s  x{r['ratio_to_ew']:.2f} EW  "
                               f"peak {r['peak_mib']:.0f} MiB", flush=True)
-    info = {"device": str(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "rows": args.rows, "preprocess_rows_per_s": prep_rate, "results": rows}
+                if args.compile:
+                    r = time_steps(data, model, "ew", "", batch, device, args.steps, args.warmup, {}, compile=True)
+                    r["ratio_to_ew"], r["scope"] = r["step_ms"] / base, "-"
+                    rows.append(r)
+                    print(f"{model:14s} ew compiled    -              batch {batch:6d}  {r['step_ms']:8.2f} ms  "
+                          f"{r['samples_per_s']:12,.0f} samples/s  x{r['ratio_to_ew']:.2f} EW  "
+                          f"(compile {r['compile_s']:.1f} s)", flush=True)
+                for placement in filter(None, args.placements.split(",")):
+                    r = time_placement(data, model, batch, device, placement, args.steps, args.warmup)
+                    first = placed[0]["samples_per_s"] if placed and placed[0]["batch"] == batch else None
+                    r["ratio_to_first"] = r["samples_per_s"] / first if first else 1.0
+                    placed.append(r)
+                    print(f"{model:14s} placement {placement:7s} batch {batch:6d}  {r['step_ms']:8.2f} ms  "
+                          f"{r['samples_per_s']:12,.0f} samples/s  x{r['ratio_to_first']:.2f} of "
+                          f"{args.placements.split(',')[0]}", flush=True)
+    info = {"device": str(device), "device_name": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+            "torch": torch.__version__, "threads": torch.get_num_threads(), "rows": args.rows,
+            "fields": args.fields, "preprocess_rows_per_s": prep_rate, "results": rows, "placements": placed}
     if args.json:
         args.json.write_text(json.dumps(info, indent=2))
 

@@ -17,11 +17,11 @@ def test_the_device_run_script_runs_dry_and_writes_every_result(tmp_path):
     done = subprocess.run(["bash", str(ROOT / "bench" / "gpu.sh")], env=env, capture_output=True, text=True,
                           timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    expected = {"device.txt", "tests.txt", "checks.txt", "matrix.json", "agree.json", "syncs.json",
-                "speed_arch.txt", "speed_arch.json", "speed_balancers.txt", "speed_balancers.json",
-                "speed_metrics.txt"}
+    steps = ("tests", "checks", "speed_mmoe", "speed_balancers", "speed_metrics", "speed_arch", "suite")
+    expected = {"device.txt", "matrix.json", "agree.json", "syncs.json", "speed_arch.json", "speed_mmoe.json",
+                "speed_balancers.json", *(f"{name}.txt" for name in steps)}
     assert expected <= {p.name for p in out.iterdir()}
-    for name in ("tests.txt", "checks.txt", "speed_arch.txt", "speed_balancers.txt", "speed_metrics.txt"):
+    for name in (f"{name}.txt" for name in steps):
         first = (out / name).read_text().splitlines()[0]
         assert first.startswith("# device: cpu; torch ") and "command: " in first, (name, first)
     matrix = json.loads((out / "matrix.json").read_text())
@@ -38,3 +38,8 @@ def test_the_device_run_script_runs_dry_and_writes_every_result(tmp_path):
     assert len(agree) == 6 and all(c["ok"] for c in agree)
     speed = json.loads((out / "speed_balancers.json").read_text())
     assert {row["balancer"] for row in speed["results"]} == {"ew", "metabalance", "gradcraft", "pcgrad"}
+    # the network (26 fields), compiled and not, and the loop's three feeds
+    mmoe = json.loads((out / "speed_mmoe.json").read_text())
+    assert mmoe["fields"] == 14 and [r["compiled"] for r in mmoe["results"]] == [False, True]
+    assert [r["placement"] for r in mmoe["placements"]] == ["device", "host", "stream"]
+    assert all(r["samples_per_s"] > 0 for r in mmoe["results"] + mmoe["placements"])

@@ -86,8 +86,29 @@ def peak_mib(device) -> float:
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
 
 
+def print_profile(step, batches: list, device) -> None:
+    """Where a step's time goes: the profiler's top operators by host time, and the device's busy
+    time against the wall time (a launch-bound step keeps the device idle)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    sync(device)
+    started = time.perf_counter()
+    with profile(activities=activities) as prof:
+        for batch in batches:
+            step(*batch)
+        sync(device)
+    wall = (time.perf_counter() - started) / len(batches)
+    events = prof.key_averages()
+    busy = sum(e.self_device_time_total for e in events) / 1e6 / len(batches) if device.type == "cuda" else 0.0
+    print(f"profile: {wall * 1e3:.2f} ms per step under the profiler, device busy {busy * 1e3:.2f} ms "
+          f"({busy / wall:.0%}); {sum(e.count for e in events if e.device_type.name == 'CPU') / len(batches):.0f} "
+          "host operator calls per step")
+    print(events.table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=48))
+
+
 def time_steps(data: Path, model: str, balancer: str, scope: str, batch: int, device, steps: int, warmup: int,
-               opts: dict, compile: bool = False) -> dict:
+               opts: dict, compile: bool = False, profile: bool = False) -> dict:
     cfg = TrainConfig(data=str(data), model=model, target="share", balancer=balancer, scope=scope,
                       balancer_opts=opts, device=device.type)
     schema = Schema.load(data)
@@ -117,6 +138,8 @@ def time_steps(data: Path, model: str, balancer: str, scope: str, batch: int, de
         sync(device)
         compile_s = time.perf_counter() - started
     seconds = timed_block(stepper.step, batches, device, warmup)
+    if profile:
+        print_profile(stepper.step, batches[:warmup], device)
     return {"model": model, "balancer": balancer, "scope": scope or bal.default_scope, "batch": batch,
             "compiled": compile, "compile_s": compile_s, "step_ms": seconds * 1e3, "samples_per_s": batch / seconds,
             "peak_mib": peak_mib(device)}
@@ -160,6 +183,7 @@ def main() -> None:
     ap.add_argument("--scopes", default="shared", help="comma list of shared,all,representation")
     ap.add_argument("--compile", action="store_true", help="also time EW with the forward under torch.compile")
     ap.add_argument("--placements", default="", help="also time the loop's feed: comma list of device,host,stream")
+    ap.add_argument("--profile", action="store_true", help="print where the EW step's time goes (torch.profiler)")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
@@ -187,7 +211,8 @@ def main() -> None:
                         continue
                     scopes = [s for s in args.scopes.split(",") if s in probe.scopes] if kind == "grad" else [""]
                     for scope in scopes:
-                        r = time_steps(data, model, name, scope, batch, device, args.steps, args.warmup, {})
+                        r = time_steps(data, model, name, scope, batch, device, args.steps, args.warmup, {},
+                                       profile=args.profile and name == "ew")
                         base = base or r["step_ms"]
                         r["ratio_to_ew"] = r["step_ms"] / base
                         r["scope"] = r["scope"] if kind == "grad" else "-"

@@ -7,7 +7,8 @@
 #
 #   Here, once:   bash ../shared/device/fetch-wheels.sh          (polars wheels into .whl/)
 #   Device:       run(command="bash bench/gpu.sh", carry=[".whl"], timeout_s=480)
-#   One part:     GPU_STEPS="checks speed_mmoe" bash bench/gpu.sh   (a re-run of what failed)
+#   One part:     GPU_STEPS="checks speed_mmoe" bash bench/gpu.sh   (a re-run of what failed; GPU_TESTS and
+#                 GPU_SUITE replace the test lists of the steps tests and suite)
 #   Dry run:      GPU_DRY=1 OUT=out/gpu-dry bash bench/gpu.sh   (device cpu, tiny sizes; a CI test runs it)
 #
 # At most 8 files come back from a device run, so there the result files are kept in one folder and
@@ -29,11 +30,11 @@ else
     python3 -m pip install -q --no-index --no-deps --no-compile --target .site .whl/*.whl || exit 1
     export PYTHONPATH=$PWD/.site:$PWD
     PY=python3; DEV=cuda; RES=$WORK/results; mkdir -p "$RES"
-    TESTS="tests/engine/test_cuda.py tests/metrics/test_metrics.py"
+    TESTS=${GPU_TESTS:-"tests/engine/test_cuda.py tests/metrics/test_metrics.py"}
     # every test that takes a device (the default --device auto is CUDA there); the fuzzer needs
     # hypothesis and torchrun's tests two processes on one GPU, so both stay on CPU in CI
-    SUITE="tests/engine tests/balancers tests/serving tests/models tests/research tests/metrics tests/data
-           --ignore=tests/engine/test_distributed.py"
+    SUITE=${GPU_SUITE:-"tests/engine tests/balancers tests/serving tests/models tests/research tests/metrics tests/data
+           --ignore=tests/engine/test_distributed.py"}
     ROWS=50000; BIG=10000000; METRIC_ROWS=10000000; NSTEPS=50; WARMUP=10; BATCH=16384; BATCHES=4096,16384; FIELDS=26
 fi
 status=0
@@ -62,7 +63,7 @@ step speed_mmoe 150 $PY bench/bench_train.py --device $DEV --rows $BIG --fields 
     --json "$RES/speed_mmoe.json"
 step speed_balancers 90 $PY bench/bench_train.py --device $DEV --rows $BIG --fields $FIELDS --data "$WORK/big/data" \
     --models mmoe --batch-sizes $BATCH --balancers ew,metabalance,gradcraft,pcgrad --scopes shared,all,representation \
-    --steps $NSTEPS --warmup $WARMUP --json "$RES/speed_balancers.json"
+    --profile --steps $NSTEPS --warmup $WARMUP --json "$RES/speed_balancers.json"
 step speed_metrics 60 $PY bench/bench_metrics.py --device $DEV --rows $METRIC_ROWS --users $((METRIC_ROWS / 100)) \
     --sklearn-users 200 --repeats 2
 step speed_arch 60 $PY bench/bench_train.py --device $DEV --rows $BIG --fields $FIELDS --data "$WORK/big/data" \

@@ -38,6 +38,8 @@ def train(
     seed: Annotated[Optional[int], typer.Option(help="Seed (init, shuffling).")] = None,
     device: Annotated[Optional[str], typer.Option(help="auto, cpu or cuda.")] = None,
     precision: Annotated[Optional[str], typer.Option(help="auto (bf16 on CUDA), fp32 or bf16.")] = None,
+    deterministic: Annotated[Optional[bool], typer.Option(
+        help="Deterministic CUDA kernels: bit-for-bit reruns and resume on CUDA too, at some speed (CPU always is).")] = None,
     patience: Annotated[Optional[int], typer.Option(help="Early-stopping patience in epochs.")] = None,
     lr_schedule: Annotated[Optional[str], typer.Option(
         help="constant, cosine or linear (decay towards 0 over all planned steps, after the warmup).")] = None,

@@ -43,6 +43,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
+    deterministic: bool = False  # deterministic kernels: bit-for-bit reruns and resume on CUDA too (slower)
     data_placement: str = "auto"  # device, host, stream, or auto (docs/design.md, "Training loop")
     shuffle_buffer: int = 1 << 20  # rows shuffled together when streaming (several row groups)
     memory_budget_gb: float = 0.0  # auto streams a train split larger than this (0: half the available memory)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,6 +64,8 @@ def build_run(cfg: TrainConfig) -> Run:
     tasks = resolve_tasks(schema, cfg.target, cfg.tasks)
     check_task_settings(cfg, schema, tasks)
     device, group = run_device(cfg)
+    if cfg.deterministic:
+        use_deterministic_kernels()
     torch.manual_seed(cfg.seed)
     model, balancer = build_for(cfg, schema, tasks)
     scope = balance_scope(cfg, model, balancer, group)
@@ -224,6 +227,15 @@ def make_optimizer(model, balancer, cfg: TrainConfig, device: torch.device):
     balancer_params = [p for p in balancer.parameters() if p.requires_grad]
     return build_optimizer(model, balancer_params, cfg.embedding_optimizer, cfg.lr, cfg.weight_decay,
                            fused=device.type == "cuda" or None)
+
+
+def use_deterministic_kernels() -> None:
+    """``--deterministic``: on CUDA the embedding backward and ``index_add_`` sum with atomics in
+    whatever order the threads arrive, so two runs (or a run and its resume) differ in the last bits;
+    this picks the deterministic kernels instead (process-wide), and cuBLAS a fixed workspace, which
+    it reads before its first call. CPU kernels are deterministic already."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
 
 
 def autocast_dtype(cfg: TrainConfig, device: torch.device):

@@ -36,9 +36,10 @@ def embedding_tables(model: nn.Module) -> list[nn.Embedding]:
     return [m for m in model.modules() if isinstance(m, nn.Embedding)]
 
 
-def row_grad(table: Tensor, rows: Tensor, values: Tensor) -> Tensor:
-    """The sparse gradient of ``table`` holding ``values[i]`` at row ``rows[i]`` (sorted, unique)."""
-    return torch.sparse_coo_tensor(rows.unsqueeze(0), values, table.shape, is_coalesced=True,
+def row_grad(table: Tensor, rows: Tensor, values: Tensor, coalesced: bool = True) -> Tensor:
+    """The sparse gradient of ``table`` holding ``values[i]`` at row ``rows[i]`` (sorted and unique
+    when ``coalesced``, else summed where a row repeats)."""
+    return torch.sparse_coo_tensor(rows.unsqueeze(0), values, table.shape, is_coalesced=coalesced,
                                    check_invariants=False)
 
 
@@ -70,24 +71,35 @@ def unique_rows(grad: Tensor) -> tuple[Tensor, Tensor]:
     return rows, values.new_zeros((rows.numel(), *values.shape[1:])).index_add_(0, where, values)
 
 
-def _touched_fixed_shape(index: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
-    """``touched`` without a host sync: ``torch.unique`` has a data-dependent size, so on CUDA it
-    waits for the device. Here every tensor keeps the batch's ``N`` lookups: sort, number the runs
-    of equal rows, sum each run into its slot, and fill the slots past the last run with copies of
-    the last run (same row, same sum), so the optimizer writes identical values twice where it
-    would have written once: the result of the unique rows, up to the order of the float sums
-    of duplicate lookups (tests/engine/test_optim.py)."""
+def fixed_unique(index: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``torch.unique(index, return_inverse=True)`` without a host sync: ``torch.unique`` has a
+    data-dependent size, so on CUDA it waits for the device. Every tensor here keeps the ``N``
+    entries of ``index``: sort, number the runs of equal values. Returns ``(rows, where, valid)``:
+    ``rows[:U]`` the sorted unique values and the slots past them copies of the last one,
+    ``where[i]`` the slot of ``index[i]`` (so slots past ``U`` are never used), and ``valid`` the
+    ``[N]`` mask of the first ``U`` slots."""
     n = index.numel()
-    if n == 0:
-        return index, values
     ordered, order = torch.sort(index)
     first = torch.ones(n, dtype=torch.bool, device=index.device)
     first[1:] = ordered[1:] != ordered[:-1]
     run = torch.cumsum(first, 0) - 1
-    sums = values.new_zeros(values.shape).index_add_(0, run, values.index_select(0, order))
-    rows = ordered.new_zeros(n).scatter_(0, run, ordered)
-    slot = torch.minimum(torch.arange(n, device=index.device), run[-1])
-    return rows.index_select(0, slot), sums.index_select(0, slot)
+    slot = torch.arange(n, device=index.device)
+    rows = ordered.new_zeros(n).scatter_(0, run, ordered).index_select(0, torch.minimum(slot, run[-1]))
+    where = torch.empty_like(run).scatter_(0, order, run)
+    return rows, where, slot <= run[-1]
+
+
+def _touched_fixed_shape(index: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
+    """``touched`` without a host sync (``fixed_unique``): each run of equal rows summed into its
+    slot, and the slots past the last run filled with copies of the last (same row, same sum), so
+    the optimizer writes identical values twice where it would have written once: the result of the
+    unique rows, up to the order of the float sums of duplicate lookups (tests/engine/test_optim.py)."""
+    if index.numel() == 0:
+        return index, values
+    rows, where, valid = fixed_unique(index)
+    sums = values.new_zeros(values.shape).index_add_(0, where, values)
+    last = torch.minimum(torch.arange(index.numel(), device=index.device), valid.sum() - 1)
+    return rows, sums.index_select(0, last)
 
 
 class RowOptimizer(torch.optim.Optimizer):

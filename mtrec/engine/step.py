@@ -40,7 +40,7 @@ from mtrec.balancers.parts import Parts
 from mtrec.core.console import err_console
 from mtrec.engine import hvp
 from mtrec.engine.objective import Objective
-from mtrec.engine.optim import embedding_tables, empty_row_grad, row_grad
+from mtrec.engine.optim import embedding_tables, empty_row_grad, fixed_unique, row_grad
 
 SCOPES = ("shared", "all", "representation")
 
@@ -231,7 +231,7 @@ class Stepper:
         _, losses, shared_grads, task_grads, e_grads = self._per_task(b)
         table = self.model.embedding.table.weight
         # Per-task gradients of the touched rows [T, U, d]: never a dense per-task copy of the table.
-        touched, where = torch.unique(self.model.embedding.rows(b.codes).flatten(), return_inverse=True)
+        touched, where, valid = self._touched_rows(self.model.embedding.rows(b.codes).flatten())
         if self.group:
             # The rows one process with the global batch touches: the union of every rank's (padded
             # all-gathers); each rank adds its rows' gradients at their place in it, and one
@@ -247,13 +247,25 @@ class Stepper:
         combined, inputs_finite = self._combine(shared_grads + [row_grads], losses, **self._parts(touched),
                                                 **self._hvp(b, (touched, where)))
         rows_grad = combined[-1].to(table.dtype)
+        if valid is not None:  # fixed-shape rows: the unused slots (copies of the last row) add nothing
+            rows_grad = rows_grad * valid.unsqueeze(1).to(rows_grad.dtype)
         # The touched rows go to a sparse embedding optimizer as they are; a dense table-sized
         # gradient only for --embedding-optimizer adam.
-        table.grad = (row_grad(table, touched, rows_grad) if self.model.embedding.table.sparse
+        table.grad = (row_grad(table, touched, rows_grad, coalesced=valid is None) if self.model.embedding.table.sparse
                       else torch.zeros_like(table).index_add_(0, touched, rows_grad))
         self._set_shared_grads(combined[:-1], shared_grads, diagnose)
         heads = self._set_task_grads(task_grads)
         return losses, inputs_finite & self._finite(losses, [*task_grads, *combined, *heads])
+
+    def _touched_rows(self, rows: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+        """``(touched, where, valid)``: the batch's unique table rows and each lookup's index into
+        them. On one CUDA device in the fixed shape of the batch's lookups (``fixed_unique``: no host
+        sync; ``valid`` marks the used slots, whose zero rows change no norm or product the
+        balancers take); elsewhere ``torch.unique`` (``valid`` None): under torchrun the union of
+        the ranks' rows is gathered anyway, and CoGrad's exact Hessian products take unique rows."""
+        if rows.device.type != "cuda" or self.group or getattr(self.balancer, "needs_hvp", False):
+            return (*torch.unique(rows, return_inverse=True), None)
+        return fixed_unique(rows)
 
     # --- pieces the scopes share -----------------------------------------------------------------
     def _per_task(self, b: Batch):

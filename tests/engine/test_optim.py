@@ -295,6 +295,48 @@ def test_fixed_shape_touched_rows_update_exactly_like_the_unique_rows(monkeypatc
             torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
 
 
+def test_fixed_unique_is_torch_unique_padded_to_the_input_size():
+    from mtrec.engine.optim import fixed_unique
+
+    g = torch.Generator().manual_seed(2)
+    for n, high in ((1, 5), (7, 3), (500, 40), (64, 10_000)):
+        index = torch.randint(0, high, (n,), generator=g)
+        rows, where, valid = fixed_unique(index)
+        unique, inverse = torch.unique(index, return_inverse=True)
+        u = unique.numel()
+        assert rows.shape == where.shape == valid.shape == (n,) and int(valid.sum()) == u
+        assert torch.equal(rows[:u], unique) and torch.equal(where, inverse) and valid[:u].all()
+        assert (rows[u:] == unique[-1]).all()  # the unused slots repeat the last row
+
+
+@pytest.mark.parametrize("optimizer", ["lazy-adam", "adam"])
+@pytest.mark.parametrize("balancer_name,groups", [("metabalance", None), ("gradcraft", None), ("pcgrad", None),
+                                                  ("cagrad", None), ("metabalance", "part")])
+def test_scope_all_steps_alike_with_fixed_shape_rows_and_with_unique_rows(monkeypatch, optimizer, balancer_name,
+                                                                          groups):
+    """Scope ``all`` on CUDA takes the touched rows in the batch's fixed shape (no host sync): the
+    unused slots hold zero gradients, which change no norm or product a balancer takes, and add
+    nothing to the table. Forced here on CPU, three steps equal the ``torch.unique`` path."""
+    from mtrec.engine.optim import fixed_unique
+
+    results = []
+    for fixed in (False, True):
+        if fixed:
+            monkeypatch.setattr(Stepper, "_touched_rows", lambda self, rows: fixed_unique(rows))
+        model, batch = model_and_data(n=48)
+        balancer = balancers.build(balancer_name, num_tasks=3)
+        opt = build_optimizer(model, [p for p in balancer.parameters() if p.requires_grad], optimizer, 1e-2, 0.0)
+        stepper = Stepper(model, balancer, opt, "all", torch.device("cpu"), None, groups=groups)
+        torch.manual_seed(3)  # PCGrad's random task order
+        for step in range(3):
+            assert stepper.step(batch[0], batch[1] * (step + 1), batch[2]) is not None
+        results.append({k: v.detach().clone() for k, v in model.named_parameters()})
+    for key, value in results[0].items():
+        torch.testing.assert_close(results[1][key], value, rtol=1e-5, atol=1e-6, msg=key)
+    moved = results[0]["embedding.table.weight"] - model_and_data(n=48)[0].embedding.table.weight
+    assert moved.abs().amax() > 1e-4  # the rows did train
+
+
 def _sum_sparse_on_rank(rank, world, init, out):
     """One rank of the test below: rank r's table gradient touches rows ROWS_OF[r] (none on rank 1
     for the second table), plus a dense parameter."""

@@ -97,8 +97,9 @@ def _kill_mid_epoch(args, killed: Path) -> dict:
 
 def test_resume_after_sigkill_and_after_ctrl_c_is_bit_for_bit(data_dir, tmp_path):
     # The schedule, clipping and the selection metric are part of the state that must resume exactly.
+    # --deterministic: CUDA's atomics would change the last bits between the run and its resume.
     args = [data_dir, *SMALL, "--epochs", "2", "--checkpoint-every", "40", "--lr-schedule", "cosine",
-            "--warmup-steps", "30", "--clip-grad", "0.5", "--select", "logloss"]
+            "--warmup-steps", "30", "--clip-grad", "0.5", "--select", "logloss", "--deterministic"]
     mtrec("train", *args, "--out", tmp_path / "whole")
     whole, whole_meta = final_model(tmp_path / "whole")
 
@@ -213,9 +214,16 @@ def test_memory_stays_flat_over_2000_metabalance_steps(data_dir):
     assert max(growth.values()) < _GROWTH_KIB, f"RSS grew after step 500 (KiB by step): {growth}"
 
 
-def test_host_resident_split_trains_exactly_like_a_device_resident_one(data_dir, tmp_path):
+@pytest.fixture
+def deterministic_off_after():
+    """``--deterministic`` switches torch's deterministic kernels on process-wide: off again after."""
+    yield
+    torch.use_deterministic_algorithms(False)
+
+
+def test_host_resident_split_trains_exactly_like_a_device_resident_one(data_dir, tmp_path, deterministic_off_after):
     """The streaming path (batches gathered in a thread, one ahead) yields the same batches in the
-    same order: same parameters and metrics, bit for bit."""
+    same order: same parameters and metrics, bit for bit (on CUDA with --deterministic)."""
     from mtrec.core.config import TrainConfig
     from mtrec.engine.loop import Trainer
 
@@ -224,8 +232,10 @@ def test_host_resident_split_trains_exactly_like_a_device_resident_one(data_dir,
         # stream: one shuffle buffer over the whole split is exactly the in-memory epoch permutation
         cfg = TrainConfig(data=str(data_dir), out=str(tmp_path / placement), target="like", batch_size=300,
                           epochs=2, embedding_dim=4, expert_sizes=[16, 8], tower_sizes=[8], seed=4,
-                          data_placement=placement, balancer="metabalance", shuffle_buffer=10**9)
+                          data_placement=placement, balancer="metabalance", shuffle_buffer=10**9,
+                          deterministic=True)
         trainer = Trainer(cfg, quiet=True)
+        assert torch.are_deterministic_algorithms_enabled()
         assert trainer.on_device == (placement == "device") and trainer.placement == placement
         results[placement] = (trainer.run()["history"], {k: v.clone() for k, v in trainer.model.state_dict().items()})
     for placement in ("host", "stream"):

@@ -86,7 +86,7 @@ def peak_mib(device) -> float:
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
 
 
-def print_profile(step, batches: list, device) -> None:
+def print_profile(step, batches: list, device, table: bool = True) -> dict:
     """Where a step's time goes: the profiler's top operators by host time, and the device's busy
     time against the wall time (a launch-bound step keeps the device idle)."""
     from torch.profiler import ProfilerActivity, profile
@@ -104,7 +104,9 @@ def print_profile(step, batches: list, device) -> None:
     print(f"profile: {wall * 1e3:.2f} ms per step under the profiler, device busy {busy * 1e3:.2f} ms "
           f"({busy / wall:.0%}); {sum(e.count for e in events if e.device_type.name == 'CPU') / len(batches):.0f} "
           "host operator calls per step")
-    print(events.table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=48))
+    if table:
+        print(events.table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=48))
+    return {"profiled_ms": wall * 1e3, "device_busy_ms": busy * 1e3}
 
 
 def time_steps(data: Path, model: str, balancer: str, scope: str, batch: int, device, steps: int, warmup: int,
@@ -138,9 +140,8 @@ def time_steps(data: Path, model: str, balancer: str, scope: str, batch: int, de
         sync(device)
         compile_s = time.perf_counter() - started
     seconds = timed_block(stepper.step, batches, device, warmup)
-    if profile:
-        print_profile(stepper.step, batches[:warmup], device)
-    return {"model": model, "balancer": balancer, "scope": scope or bal.default_scope, "batch": batch,
+    profiled = print_profile(stepper.step, batches[:warmup], device, table=balancer == "ew") if profile else {}
+    return {**profiled, "model": model, "balancer": balancer, "scope": scope or bal.default_scope, "batch": batch,
             "compiled": compile, "compile_s": compile_s, "step_ms": seconds * 1e3, "samples_per_s": batch / seconds,
             "peak_mib": peak_mib(device)}
 
@@ -183,7 +184,7 @@ def main() -> None:
     ap.add_argument("--scopes", default="shared", help="comma list of shared,all,representation")
     ap.add_argument("--compile", action="store_true", help="also time EW with the forward under torch.compile")
     ap.add_argument("--placements", default="", help="also time the loop's feed: comma list of device,host,stream")
-    ap.add_argument("--profile", action="store_true", help="print where the EW step's time goes (torch.profiler)")
+    ap.add_argument("--profile", action="store_true", help="where a step's time goes (torch.profiler)")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
@@ -212,7 +213,7 @@ def main() -> None:
                     scopes = [s for s in args.scopes.split(",") if s in probe.scopes] if kind == "grad" else [""]
                     for scope in scopes:
                         r = time_steps(data, model, name, scope, batch, device, args.steps, args.warmup, {},
-                                       profile=args.profile and name == "ew")
+                                       profile=args.profile)
                         base = base or r["step_ms"]
                         r["ratio_to_ew"] = r["step_ms"] / base
                         r["scope"] = r["scope"] if kind == "grad" else "-"

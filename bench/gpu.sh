@@ -55,7 +55,7 @@ step() {  # step NAME LIMIT_S CMD...: run (SIGINT at the limit: pytest still rep
     pack
 }
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || echo "no nvidia-smi"; } > "$RES/device.txt"
-step tests 60 $PY -m pytest -q -p no:cacheprovider $TESTS
+step tests 120 $PY -m pytest -q -p no:cacheprovider $TESTS
 step checks 150 $PY bench/gpu_checks.py all --device $DEV --rows $ROWS --out "$RES"
 # the network: MMoE, 26 fields, 4 experts 256-128, 3 towers, on a 10M-row log on the device
 step speed_mmoe 150 $PY bench/bench_train.py --device $DEV --rows $BIG --fields $FIELDS --data "$WORK/big/data" \

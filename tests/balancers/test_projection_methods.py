@@ -173,9 +173,11 @@ def test_gradvac_matches_the_rule_over_steps():
                                                                for _ in range(2)]
     want, rho_hat = gradvac_reference_two_tasks(steps, beta=0.5)
     b = build("gradvac", num_tasks=2, beta=0.5)
+    # float32 against a float64 reference, through 1 / sqrt(1 - goal^2): the H200 machine's CPU
+    # (torch 2.11) was 1.4e-6 off on one element, where this VM is within 1e-6
     for G, expected in zip(steps, want):
-        np.testing.assert_allclose(joined(b.combine(split(G))), expected, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(b.rho_hat[0].double().numpy(), rho_hat, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(joined(b.combine(split(G))), expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(b.rho_hat[0].double().numpy(), rho_hat, rtol=1e-5, atol=1e-5)
 
 
 def test_gradvac_reaches_the_target_similarity():

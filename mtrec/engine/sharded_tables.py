@@ -52,8 +52,8 @@ EPS = 1e-8  # mtrec's RowwiseAdagrad eps (engine/optim.py)
 def require_torchrec() -> None:
     """One line naming what to install when TorchRec (or its FBGEMM kernels) cannot be imported."""
     try:
+        import torchrec  # noqa: F401, I001 (torchrec first: its absence is the likelier reason)
         import fbgemm_gpu  # noqa: F401
-        import torchrec  # noqa: F401
         from torchrec.distributed.model_parallel import DistributedModelParallel  # noqa: F401
     except (ImportError, OSError) as err:  # OSError: an FBGEMM build for another torch (undefined symbol)
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
@@ -143,6 +143,7 @@ class ShardedTables(nn.Module):
         super().__init__()
         from fbgemm_gpu.split_embedding_configs import EmbOptimType
         from torchrec import EmbeddingCollection, EmbeddingConfig
+        from torchrec.distributed.comm_ops import set_gradient_division
         from torchrec.distributed.embedding import EmbeddingCollectionSharder
         from torchrec.distributed.model_parallel import DistributedModelParallel
         from torchrec.distributed.types import ShardingEnv
@@ -176,6 +177,10 @@ class ShardedTables(nn.Module):
             from fbgemm_gpu.split_table_batched_embeddings_ops_common import WeightDecayMode
 
             fused.update(weight_decay=cfg.weight_decay, weight_decay_mode=WeightDecayMode.L2)
+        # TorchRec divides the gradients in some backward all-to-alls by the world size (DDP's mean,
+        # for a loss that is a local mean on each rank); mtrec scales each rank's by its share of the
+        # global batch instead (``grad_scale``, uneven shards included), so the owners must sum.
+        set_gradient_division(False)
         sharder = EmbeddingCollectionSharder(fused_params=fused)
         lookup = _Lookup(EmbeddingCollection(tables=configs, device=torch.device("meta")))
         with _quiet():

@@ -141,6 +141,50 @@ def test_without_torchrec_train_says_what_to_install(data_dir, tmp_path, monkeyp
     assert not (tmp_path / "run").exists() and not (tmp_path / "run2").exists()
 
 
+def test_sequences_and_shared_rows_look_up_the_fused_rows_in_one_process_without_torchrun(torchrec):
+    """World size 1 (no torchrun: ShardedTables makes a one-process group and closes it). Features are
+    runs of adjacent columns reading one segment: here field 3 with the history sharing its rows
+    (one run of 1 + 3 columns), a history with its own rows, and one sharing field 0's rows."""
+    import copy
+
+    import torch.distributed as dist
+
+    from mtrec.engine.optim import RowwiseAdagrad
+    from mtrec.engine.sharded_tables import shard
+    from mtrec.models import ModelConfig, SequenceField, build
+
+    sequences = [SequenceField("recent", 3, "mean", 0, 3), SequenceField("tags", 2, "sum", 7),
+                 SequenceField("seen", 2, "attention", 0, 0, 0)]
+    torch.manual_seed(0)
+    model = build("mmoe", VOCAB, 2, [0.4, 0.3, 0.4], ModelConfig(embedding_dim=4, expert_sizes=[8]), sequences)
+    plain = copy.deepcopy(model.embedding)
+    cfg = TrainConfig(embedding_optimizer="rowwise-adagrad", lr=0.1, embedding_sharding="torchrec",
+                      embedding_sharding_plan="auto")
+    tables = shard(model, cfg, torch.device("cpu"))
+    try:
+        assert dist.get_world_size() == 1
+        assert [k for _, _, k in tables.features] == [1, 1, 1, 1 + 3, 2, 2]  # field 3 + recent: one run
+        g = torch.Generator().manual_seed(5)
+        codes = torch.cat([torch.stack([torch.randint(0, v, (9,), generator=g) for v in VOCAB], 1),
+                           torch.randint(0, 24, (9, 3), generator=g), torch.randint(0, 7, (9, 2), generator=g),
+                           torch.randint(0, 24, (9, 2), generator=g)], 1).int()
+        e = model.embed(codes)
+        torch.testing.assert_close(e, plain(codes), rtol=0, atol=0)
+        # The backward's fused update is mtrec's rowwise Adagrad on the same fused rows.
+        upstream = torch.randn(e.shape, generator=g)
+        e.backward(upstream)
+        plain.table.sparse = True
+        optimizer = RowwiseAdagrad([plain.table.weight], lr=0.1)
+        (plain(codes) * upstream).sum().backward()
+        optimizer.step()
+        torch.testing.assert_close(tables.full_table(), plain.table.weight.detach(), rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(tables.full_accumulator(), optimizer.state[plain.table.weight]["sum"],
+                                   rtol=1e-5, atol=1e-9)
+    finally:
+        tables.close()
+    assert not dist.is_initialized()
+
+
 # --- step level ----------------------------------------------------------------------------------------
 
 

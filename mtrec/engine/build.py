@@ -54,7 +54,7 @@ class Run:
 
     def stepper(self) -> Stepper:
         cfg = self.cfg
-        kind = sharded_tables.ShardedStepper if self.tables else Stepper
+        kind = sharded_tables.ShardedStepper if self.tables is not None else Stepper
         return kind(self.model, self.balancer, self.optimizer, cfg.scope, self.device, self.autocast_dtype,
                        self.objective, clip_grad=cfg.clip_grad, groups=cfg.balance_groups, group=self.group)
 

@@ -94,7 +94,8 @@ class RunDir:
             model, optimizer = run.model.state_dict(), run.optimizer.state_dict()
         if not self.main:
             return
-        if not _all_finite([*run.model.parameters(), *([model["embedding.table.weight"]] if run.tables else [])]):
+        gathered = [model["embedding.table.weight"]] if run.tables is not None else []  # in host memory
+        if not (_all_finite(run.model.parameters()) and _all_finite(gathered)):
             raise UserError(f"the model's parameters are no longer finite: {name} was not overwritten, the last good "
                             f"checkpoint is {self.path / 'last.pt'} (lower --lr or set --clip-grad)")
         state = {"model": model, "optimizer": optimizer, "balancer": run.balancer.state_dict(),

@@ -239,16 +239,16 @@ class ShardedTables(nn.Module):
                     s.tensor.copy_(weight[start + r:start + r + rows, c:c + cols])
 
     def full_table(self) -> Tensor | None:
-        """The fused table ``[rows, d]`` on rank 0 (None on the others): a collective, every rank
-        must call it. Rank 0 holds the whole table (and its pickled shards) in memory."""
+        """The fused table ``[rows, d]`` on rank 0, in host memory (None on the others): a
+        collective, every rank must call it. Rank 0 holds the whole table (and its pickled shards)."""
         pieces = [(i, *s.metadata.shard_offsets, s.tensor.detach().cpu())
                   for i, w in enumerate(self.weights) for s in w.local_shards()]
         gathered = self._gather(pieces)
         if gathered is None:
             return None
-        table = torch.empty((self.rows_total, self.dim), device=self.device)
+        table = torch.empty((self.rows_total, self.dim))  # in host memory: a GPU need not hold the whole table
         for i, r, c, t in gathered:
-            table[self.starts[i] + r:self.starts[i] + r + t.shape[0], c:c + t.shape[1]] = t.to(self.device)
+            table[self.starts[i] + r:self.starts[i] + r + t.shape[0], c:c + t.shape[1]] = t
         return table
 
     def _accumulators(self) -> list[tuple[int, object]]:
@@ -268,8 +268,8 @@ class ShardedTables(nn.Module):
         return [widths[c] for c in sorted(widths)]
 
     def full_accumulator(self) -> Tensor | None:
-        """The row accumulator ``[rows]`` of rowwise Adagrad in the unsharded layout, on rank 0 (a
-        collective). Column shards' accumulators are averaged with their widths as weights, which
+        """The row accumulator ``[rows]`` of rowwise Adagrad in the unsharded layout, on rank 0 in
+        host memory (a collective). Column shards' accumulators are averaged with their widths as weights, which
         is the full row's mean square exactly (each shard adds the mean over its own columns)."""
         pieces = [(i, s.metadata.shard_offsets[0], s.tensor.detach().cpu())
                   for i, acc in self._accumulators() for s in acc.local_shards()]
@@ -283,7 +283,7 @@ class ShardedTables(nn.Module):
         for i, size in enumerate(self.sizes):
             widths = torch.tensor(self._column_widths(i), dtype=torch.float32)
             rows.append((flat[i].view(-1, size) * widths.unsqueeze(1)).sum(0) / widths.sum())
-        return torch.cat(rows).to(self.device)
+        return torch.cat(rows)
 
     def load_accumulator(self, acc: Tensor) -> None:
         """Every rank sets its accumulator shards from the unsharded ``[rows]`` (each column shard
@@ -292,8 +292,8 @@ class ShardedTables(nn.Module):
             for i, state in self._accumulators():
                 for s in state.local_shards():
                     offset, count = s.metadata.shard_offsets[0], s.tensor.numel()
-                    index = torch.arange(offset, offset + count, device=acc.device) % self.sizes[i]
-                    s.tensor.copy_(acc[self.starts[i] + index].to(s.tensor.device))
+                    index = torch.arange(offset, offset + count) % self.sizes[i]
+                    s.tensor.copy_(acc[self.starts[i] + index.to(acc.device)])
 
     def _gather(self, pieces: list) -> list | None:
         if self.world == 1:
@@ -396,4 +396,4 @@ def load_model_state(model: nn.Module, tables: ShardedTables, state: dict) -> No
         raise RuntimeError(f"embedding.table.weight missing or of another shape than [{tables.rows_total}, "
                            f"{tables.dim}]")
     model.load_state_dict(state)
-    tables.load_table(table.to(tables.device))
+    tables.load_table(table)  # each shard copies its slice: the whole table never goes to the device

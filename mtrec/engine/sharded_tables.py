@@ -67,6 +67,8 @@ def check(cfg, model, balancer, scope: str) -> None:
         raise UserError(f"--embedding-sharding torchrec shards the one fused table of shared-bottom, mmoe, ple and "
                         f"esmm; --model {cfg.model} has a table per task: use one of those, or "
                         "--embedding-sharding none")
+    if model.embedding.offsets.numel() == 0:
+        raise UserError("--embedding-sharding torchrec has no table to shard: the data has no categorical feature")
     if cfg.embedding_optimizer not in FUSED_OPTIMIZERS:
         raise UserError(f"--embedding-sharding torchrec updates the table with FBGEMM's fused optimizer, which has "
                         f"no {cfg.embedding_optimizer} here: pass --embedding-optimizer rowwise-adagrad (the same "
@@ -154,23 +156,15 @@ class ShardedTables(nn.Module):
         column_starts = embedding.offsets.tolist()
         self.starts = sorted(set(column_starts))
         self.sizes = [b - a for a, b in zip(self.starts, self.starts[1:] + [self.rows_total])]
-        self.features: list[tuple[str, int, int]] = []  # (name, first column, columns)
-        feature_tables: dict[int, list[str]] = {i: [] for i in range(len(self.starts))}
-        col = 0
-        while col < len(column_starts):
-            end = col
-            while end < len(column_starts) and column_starts[end] == column_starts[col]:
-                end += 1
-            name = f"c{col}"
-            self.features.append((name, col, end - col))
-            feature_tables[self.starts.index(column_starts[col])].append(name)
-            col = end
+        self.features = _features(column_starts)  # (name, first column, columns)
+        feature_tables = [[name for name, col, _ in self.features if column_starts[col] == start]
+                          for start in self.starts]
         self.table_names = [f"t{i}" for i in range(len(self.starts))]
         self.device, self.grad_scale = device, 1.0
         self.owns_group = _process_group(device)
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         configs = [EmbeddingConfig(name=name, embedding_dim=self.dim, num_embeddings=size, feature_names=feats)
-                   for name, size, feats in zip(self.table_names, self.sizes, feature_tables.values())]
+                   for name, size, feats in zip(self.table_names, self.sizes, feature_tables)]
         fused = {"optimizer": getattr(EmbOptimType, FUSED_OPTIMIZERS[cfg.embedding_optimizer]),
                  "learning_rate": cfg.lr, "eps": EPS}
         if cfg.weight_decay:
@@ -307,6 +301,19 @@ class ShardedTables(nn.Module):
         if self.owns_group and dist.is_initialized():
             dist.destroy_process_group()
             self.owns_group = False
+
+
+def _features(column_starts: list[int]) -> list[tuple[str, int, int]]:
+    """``(name, first column, columns)`` for each run of adjacent code columns that start at the same
+    row of the fused table (read the same segment)."""
+    features, col = [], 0
+    while col < len(column_starts):
+        end = col
+        while end < len(column_starts) and column_starts[end] == column_starts[col]:
+            end += 1
+        features.append((f"c{col}", col, end - col))
+        col = end
+    return features
 
 
 def _plan(lookup: nn.Module, sharder, plan_name: str, tables: list[str], world: int, device: torch.device):

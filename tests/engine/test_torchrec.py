@@ -144,7 +144,8 @@ def test_without_torchrec_train_says_what_to_install(data_dir, tmp_path, monkeyp
 def test_sequences_and_shared_rows_look_up_the_fused_rows_in_one_process_without_torchrun(torchrec):
     """World size 1 (no torchrun: ShardedTables makes a one-process group and closes it). Features are
     runs of adjacent columns reading one segment: here field 3 with the history sharing its rows
-    (one run of 1 + 3 columns), a history with its own rows, and one sharing field 0's rows."""
+    (one run of 1 + 3 columns), a history with its own rows, and one sharing field 0's rows. Then a
+    NaN gradient changes nothing."""
     import copy
 
     import torch.distributed as dist
@@ -180,6 +181,11 @@ def test_sequences_and_shared_rows_look_up_the_fused_rows_in_one_process_without
         torch.testing.assert_close(tables.full_table(), plain.table.weight.detach(), rtol=1e-5, atol=1e-7)
         torch.testing.assert_close(tables.full_accumulator(), optimizer.state[plain.table.weight]["sum"],
                                    rtol=1e-5, atol=1e-9)
+        # A non-finite gradient of the lookup reaches the fused update as zeros (the step that will be
+        # skipped must not poison the table): rowwise Adagrad then leaves every row as it was.
+        before, accumulated = tables.full_table(), tables.full_accumulator()
+        model.embed(codes).backward(torch.full(e.shape, float("nan")))
+        assert torch.equal(tables.full_table(), before) and torch.equal(tables.full_accumulator(), accumulated)
     finally:
         tables.close()
     assert not dist.is_initialized()

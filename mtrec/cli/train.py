@@ -35,6 +35,10 @@ def train(
     weight_decay: Annotated[Optional[float], typer.Option(help="Adam weight decay.")] = None,
     embedding_optimizer: Annotated[Optional[str], typer.Option(
         help="Embedding rows: lazy-adam (default: touched rows only), rowwise-adagrad, or adam (dense).")] = None,
+    embedding_sharding: Annotated[Optional[str], typer.Option(
+        help="none, or torchrec: shard the embedding table across the torchrun ranks (pip install 'mtrec[torchrec]', see docs/design.md).")] = None,
+    embedding_sharding_plan: Annotated[Optional[str], typer.Option(
+        help="With --embedding-sharding torchrec: auto (TorchRec's planner), table-wise, row-wise or column-wise.")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Seed (init, shuffling).")] = None,
     device: Annotated[Optional[str], typer.Option(help="auto, cpu or cuda.")] = None,
     precision: Annotated[Optional[str], typer.Option(help="auto (bf16 on CUDA), fp32 or bf16.")] = None,

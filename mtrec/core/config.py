@@ -17,6 +17,8 @@ from mtrec.core.files import read_json_object
 
 SCHEDULES = ("constant", "cosine", "linear")
 SELECT_METRICS = ("auc", "gauc", "logloss")
+EMBEDDING_SHARDINGS = ("none", "torchrec")
+SHARDING_PLANS = ("auto", "table-wise", "row-wise", "column-wise")
 
 
 @dataclass
@@ -40,6 +42,8 @@ class TrainConfig:
     clip_grad: float = 0.0  # max global norm of the applied gradients, after balancing (0: off)
     select: str = "auc"  # target-task validation metric for early stopping and best.pt: auc, gauc or logloss
     embedding_optimizer: str = "lazy-adam"  # lazy-adam, rowwise-adagrad (sparse rows) or adam (dense)
+    embedding_sharding: str = "none"  # none, or torchrec: the table sharded across ranks (engine/sharded_tables.py)
+    embedding_sharding_plan: str = "auto"  # auto (TorchRec's planner), table-wise, row-wise or column-wise
     seed: int = 0
     device: str = "auto"
     precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
@@ -71,6 +75,10 @@ class TrainConfig:
             (self.weight_decay >= 0, "--weight-decay must be >= 0"),
             (self.embedding_optimizer in ("lazy-adam", "rowwise-adagrad", "adam"),
              f"--embedding-optimizer must be lazy-adam, rowwise-adagrad or adam, not {self.embedding_optimizer!r}"),
+            (self.embedding_sharding in EMBEDDING_SHARDINGS,
+             f"--embedding-sharding must be none or torchrec, not {self.embedding_sharding!r}"),
+            (self.embedding_sharding_plan in SHARDING_PLANS,
+             f"--embedding-sharding-plan must be {', '.join(SHARDING_PLANS)}, not {self.embedding_sharding_plan!r}"),
             (self.lr_schedule in SCHEDULES, f"--lr-schedule must be {', '.join(SCHEDULES)}, not {self.lr_schedule!r}"),
             (self.warmup_steps >= 0, "--warmup-steps must be >= 0"),
             (self.clip_grad >= 0, "--clip-grad must be >= 0 (0 turns clipping off)"),

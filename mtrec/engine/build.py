@@ -21,9 +21,9 @@ from mtrec.core.errors import UserError
 from mtrec.data.schema import Schema
 from mtrec.data.stream import ParquetSplit, available_memory
 from mtrec.data.tensors import fits_on_device
-from mtrec.engine import distributed
+from mtrec.engine import distributed, sharded_tables
 from mtrec.engine.objective import Objective, parse_conditions
-from mtrec.engine.optim import build_optimizer
+from mtrec.engine.optim import CombinedOptimizer, build_optimizer
 from mtrec.engine.step import SCOPES, Stepper
 from mtrec.models import ModelConfig, SequenceField, SingleTask
 from mtrec.models import build as build_model
@@ -45,6 +45,8 @@ class Run:
     optimizer: object
     autocast_dtype: torch.dtype | None
     placement: str  # device, host or stream: where the train and valid splits live
+    tables: sharded_tables.ShardedTables | None = None  # --embedding-sharding torchrec: model.embedding
+
 
     @property
     def main(self) -> bool:
@@ -53,7 +55,8 @@ class Run:
 
     def stepper(self) -> Stepper:
         cfg = self.cfg
-        return Stepper(self.model, self.balancer, self.optimizer, cfg.scope, self.device, self.autocast_dtype,
+        kind = sharded_tables.ShardedStepper if self.tables is not None else Stepper
+        return kind(self.model, self.balancer, self.optimizer, cfg.scope, self.device, self.autocast_dtype,
                        self.objective, clip_grad=cfg.clip_grad, groups=cfg.balance_groups, group=self.group)
 
 
@@ -72,6 +75,10 @@ def build_run(cfg: TrainConfig) -> Run:
     groups = cfg.balance_groups or getattr(balancer, "default_groups", None) or "tensor"
     model.to(device)
     balancer.to(device)
+    tables = None
+    if cfg.embedding_sharding == "torchrec":
+        sharded_tables.check(cfg, model, balancer, scope)
+        tables = sharded_tables.shard(model, cfg, device)
     categorical, numeric = feature_names(schema)
     placement = data_placement(cfg, ParquetSplit(Path(cfg.data) / "train.parquet", categorical, numeric, tasks),
                                device)
@@ -79,7 +86,7 @@ def build_run(cfg: TrainConfig) -> Run:
         placement = group.agree(placement)
     return Run(dataclasses.replace(cfg, tasks=tasks, scope=scope, balance_groups=groups), schema, tasks,
                objective_for(cfg, tasks), device, group, model, balancer,
-               make_optimizer(model, balancer, cfg, device), autocast_dtype(cfg, device), placement)
+               make_optimizer(model, balancer, cfg, device, tables), autocast_dtype(cfg, device), placement, tables)
 
 
 def resolved_paths(cfg: TrainConfig) -> TrainConfig:
@@ -220,11 +227,17 @@ def build_for(cfg: TrainConfig, schema: Schema, tasks: list[str]):
     return model, balancer
 
 
-def make_optimizer(model, balancer, cfg: TrainConfig, device: torch.device):
+def make_optimizer(model, balancer, cfg: TrainConfig, device: torch.device, tables=None):
     """Adam over the dense parameters and the balancer's learned parameters (UW's log-variances:
     no weight decay), fused on CUDA; the embedding tables get ``cfg.embedding_optimizer``
-    (mtrec/optim.py: sparse rows for lazy-adam / rowwise-adagrad, the same Adam for adam)."""
+    (mtrec/optim.py: sparse rows for lazy-adam / rowwise-adagrad, the same Adam for adam). Sharded
+    ``tables`` are updated by FBGEMM in the backward; the optimizer only hands them the lr and
+    saves their state (``sharded_tables.FusedTableOptimizer``)."""
     balancer_params = [p for p in balancer.parameters() if p.requires_grad]
+    if tables is not None:  # the model holds no table parameter: "adam" is the same dense Adam alone
+        dense = build_optimizer(model, balancer_params, "adam", cfg.lr, cfg.weight_decay,
+                                fused=device.type == "cuda" or None)
+        return CombinedOptimizer(dense, sharded_tables.FusedTableOptimizer(tables, cfg.lr, cfg.weight_decay))
     return build_optimizer(model, balancer_params, cfg.embedding_optimizer, cfg.lr, cfg.weight_decay,
                            fused=device.type == "cuda" or None)
 

@@ -236,5 +236,7 @@ def train(cfg: TrainConfig, resume: bool = False, force: bool = False, quiet: bo
     try:
         return trainer.run()
     finally:
+        if trainer.built.tables is not None:
+            trainer.built.tables.close()  # the one-process group it made without torchrun
         if trainer.built.group and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()

@@ -22,7 +22,7 @@ import torch
 from mtrec.core.errors import UserError
 from mtrec.core.files import atomic_write_text, read_json_object
 from mtrec.data.fingerprint import encoder_fingerprint, vocab_files
-from mtrec.engine import checkpoint
+from mtrec.engine import checkpoint, sharded_tables
 from mtrec.engine.build import Run
 
 
@@ -87,13 +87,19 @@ class RunDir:
     def save(self, name: str, run: Run, loop: dict) -> None:
         """Write checkpoint ``name`` of the run at the loop's position ``loop`` (its counters and
         history); refuses, keeping the previous file, when a parameter is no longer finite."""
+        if run.tables is not None:
+            # Sharded tables are gathered on rank 0, in the unsharded layout: every rank takes part.
+            model, optimizer = sharded_tables.model_state(run.model, run.tables), run.optimizer.state_dict()
+        elif self.main:
+            model, optimizer = run.model.state_dict(), run.optimizer.state_dict()
         if not self.main:
             return
-        if not _all_finite(run.model.parameters()):
+        gathered = [model["embedding.table.weight"]] if run.tables is not None else []  # in host memory
+        if not (_all_finite(run.model.parameters()) and _all_finite(gathered)):
             raise UserError(f"the model's parameters are no longer finite: {name} was not overwritten, the last good "
                             f"checkpoint is {self.path / 'last.pt'} (lower --lr or set --clip-grad)")
-        state = {"model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
-                 "balancer": run.balancer.state_dict(), "rng_cpu": torch.get_rng_state()}
+        state = {"model": model, "optimizer": optimizer, "balancer": run.balancer.state_dict(),
+                 "rng_cpu": torch.get_rng_state()}
         if run.device.type == "cuda":
             state["rng_cuda"] = torch.cuda.get_rng_state(run.device)
         meta = {"format": "mtrec-checkpoint", "version": 1, "tasks": run.tasks, **loop,
@@ -108,7 +114,10 @@ class RunDir:
         if meta.get("tasks") != run.tasks:
             raise UserError(f"cannot resume: the run trained tasks {meta.get('tasks')}, this config gives {run.tasks}")
         try:
-            run.model.load_state_dict(state["model"])
+            if run.tables is not None:  # each rank takes its shards of the saved table
+                sharded_tables.load_model_state(run.model, run.tables, state["model"])
+            else:
+                run.model.load_state_dict(state["model"])
             run.optimizer.load_state_dict(state["optimizer"])
             run.balancer.load_state_dict(state["balancer"])
         except (RuntimeError, KeyError, ValueError) as err:

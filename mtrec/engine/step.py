@@ -222,7 +222,7 @@ class Stepper:
         combined, inputs_finite = self._combine(shared_grads, losses, **self._parts(), **self._hvp(b))
         e.backward(e_grads.sum(0))  # the embedding rows get the plain sum of the tasks' gradients
         if self.group:
-            self.group.sum_grads_([self.model.embedding.table.weight], b.share)
+            self.group.sum_grads_([t.weight for t in embedding_tables(self.model)], b.share)  # none if sharded
         self._set_shared_grads(combined, shared_grads, diagnose)
         heads = self._set_task_grads(task_grads)
         return losses, inputs_finite & self._finite(losses, [e_grads, *task_grads, *combined, *heads])

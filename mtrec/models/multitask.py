@@ -98,9 +98,9 @@ class MultiTaskModel(nn.Module):
 
     def shared_parameters(self) -> list[nn.Parameter]:
         """Dense shared parameters (the embedding table is not among them)."""
-        task = {id(p) for p in self.task_parameters()}
-        table = id(self.embedding.table.weight)
-        return [p for p in self.parameters() if id(p) not in task and id(p) != table]
+        # The embedding module's parameters: the fused table (none when the engine shards it).
+        excluded = {id(p) for p in self.task_parameters()} | {id(p) for p in self.embedding.parameters()}
+        return [p for p in self.parameters() if id(p) not in excluded]
 
     def task_slices(self, t: int) -> list[tuple[nn.Parameter, slice]]:
         """(parameter, slice along dim 0) pairs owned by task t."""

@@ -7,7 +7,7 @@ TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 DEMO := out/demo
 
-.PHONY: install demo sequences test bench clean
+.PHONY: install install-torchrec demo sequences test bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -37,7 +37,15 @@ sequences: install
 	$(BIN)/mtrec predict $(SEQ)/esmm --raw $(SEQ)/log.parquet --out $(SEQ)/preds.parquet
 
 # The habits first (seconds): ruff's rules and the layer contract (pyproject.toml), then the suite.
-test: install
+# --embedding-sharding torchrec's tests: FBGEMM's CPU build pairs with one torch (1.N with 2.(N+5),
+# docs/design.md "Sharded tables"), so the extra goes in with the default torch 2.13 only; elsewhere,
+# or if the install fails, those tests skip.
+install-torchrec: install
+	@$(BIN)/python -c "import sys, torch; sys.exit(not torch.__version__.startswith('2.13.'))" \
+		&& $(BIN)/pip install -q -e ".[torchrec]" && $(BIN)/pip install -q --no-deps torchrec==1.9.2 \
+		|| echo "torchrec not installed (it needs torch 2.13 here): tests/engine/test_torchrec.py skips"
+
+test: install install-torchrec
 	$(BIN)/ruff check mtrec tests bench
 	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q

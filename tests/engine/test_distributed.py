@@ -33,19 +33,12 @@ STEPS = int(os.environ.get("MTREC_DIST_STEPS", CI_STEPS))
 needs_dist = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not built in")
 
 
-@pytest.fixture
-def unused_port():
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def launch(mode: str, world: int, port: int, out: Path, *args: str, timeout: float = 300) -> None:
-    """Run ``world`` workers of ``mode``; fail with the first failing rank's stderr."""
-    env = {**ENV, "MASTER_PORT": str(port), "WORLD_SIZE": str(world)}
-    procs = [subprocess.Popen([sys.executable, __file__, mode, str(out), *args],
+def launch(mode: str, world: int, port: int, out: Path, *args: str, timeout: float = 300, script: str = __file__,
+           env: dict | None = None) -> list[str]:
+    """Run ``world`` workers of ``mode`` (``script`` run as ``python script MODE OUT ARGS``, with
+    ``env`` added); fail with the first failing rank's stderr; their stdouts."""
+    env = {**ENV, **(env or {}), "MASTER_PORT": str(port), "WORLD_SIZE": str(world)}
+    procs = [subprocess.Popen([sys.executable, script, mode, str(out), *args],
                               env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(world)]
     try:
@@ -55,6 +48,7 @@ def launch(mode: str, world: int, port: int, out: Path, *args: str, timeout: flo
             p.kill()
     for rank, (p, (_, err)) in enumerate(zip(procs, results)):
         assert p.returncode == 0, f"rank {rank}: {err[-3000:]}"
+    return [out for out, _ in results]
 
 
 # --- step level -------------------------------------------------------------------------------------
@@ -210,13 +204,18 @@ def data_dir(encoded_synthetic):
 def train_worker(out: str, *args: str) -> None:
     """``mtrec train`` as torchrun starts it, with this rank's free memory made to disagree: rank 0
     has plenty (memory), rank 1 almost none (its own decision would be to stream)."""
-    import runpy
-
     import mtrec.engine.build
 
     torch.set_num_threads(1)
     rank = int(os.environ["RANK"])
     mtrec.engine.build.available_memory = lambda: 2**40 if rank == 0 else 1
+    run_train_cli(out, *args)
+
+
+def run_train_cli(out: str, *args: str) -> None:
+    """``mtrec train ARGS --out OUT`` in this process, as torchrun starts it (a clean exit passes)."""
+    import runpy
+
     sys.argv = ["mtrec", "train", *args, "--out", out]
     try:
         runpy.run_module("mtrec", run_name="__main__")

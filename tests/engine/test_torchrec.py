@@ -23,7 +23,8 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_distributed import ENV, SIZES  # noqa: E402
+from test_distributed import ENV, SIZES, run_train_cli  # noqa: E402
+from test_distributed import launch as launch_ranks  # noqa: E402
 
 from mtrec.core.config import TrainConfig  # noqa: E402
 from mtrec.core.errors import UserError  # noqa: E402
@@ -47,29 +48,9 @@ def torchrec():
     return torchrec
 
 
-@pytest.fixture
-def unused_port():
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launch(mode: str, world: int, port: int, out: Path, *args: str, timeout: float = 300) -> list[str]:
-    """Run ``world`` workers of ``mode``; fail with the first failing rank's stderr; their stdouts."""
-    env = {**ENV, "MASTER_PORT": str(port), "WORLD_SIZE": str(world), "MKL_NUM_THREADS": "1"}
-    procs = [subprocess.Popen([sys.executable, __file__, mode, str(out), *args],
-                              env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(world)]
-    try:
-        results = [p.communicate(timeout=timeout) for p in procs]
-    finally:
-        for p in procs:
-            p.kill()
-    for rank, (p, (_, err)) in enumerate(zip(procs, results)):
-        assert p.returncode == 0, f"rank {rank}: {err[-3000:]}"
-    return [out for out, _ in results]
+    """test_distributed's launcher running this file's workers."""
+    return launch_ranks(mode, world, port, out, *args, timeout=timeout, script=__file__, env={"MKL_NUM_THREADS": "1"})
 
 
 # --- refusals (no TorchRec needed) -------------------------------------------------------------------
@@ -355,15 +336,8 @@ ARGS = ["--model", "mmoe", "--target", "like", "--batch-size", "512", "--embeddi
 
 def train_worker(out: str, *args: str) -> None:
     """``mtrec train`` as torchrun starts it."""
-    import runpy
-
     torch.set_num_threads(1)
-    sys.argv = ["mtrec", "train", *args, "--out", out]
-    try:
-        runpy.run_module("mtrec", run_name="__main__")
-    except SystemExit as stop:
-        if stop.code:
-            raise
+    run_train_cli(out, *args)
 
 
 def test_sharded_run_ends_like_the_unsharded_run_and_evaluates_on_one_process(torchrec, data_dir, tmp_path,

@@ -47,7 +47,6 @@ class Run:
     placement: str  # device, host or stream: where the train and valid splits live
     tables: sharded_tables.ShardedTables | None = None  # --embedding-sharding torchrec: model.embedding
 
-
     @property
     def main(self) -> bool:
         """Whether this process writes the run directory and prints (rank 0, or the only one)."""

@@ -6,7 +6,6 @@ Registered on the one Typer app through ``mtrec.cli.app.command`` (one place for
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -16,6 +15,7 @@ from mtrec.cli.app import app, command, split_list
 from mtrec.cli.render import simple_table
 from mtrec.core.console import console, err_console
 from mtrec.core.errors import UserError
+from mtrec.core.files import strict_json
 
 
 def _say(line: str) -> None:
@@ -78,7 +78,7 @@ def compare(
     summary = grid_runner.summarize(directory, baseline)
     grid_runner.write_summary(summary, directory)
     if as_json:
-        print(json.dumps(summary, indent=2))
+        print(strict_json(summary))
     else:
         render_summary(summary)
         console.print(f"summary written to {Path(directory) / 'summary.md'} and summary.csv")
@@ -153,7 +153,7 @@ def race(
             _say("interrupted: the running runs saved their checkpoints; run the same command again to continue")
             raise typer.Exit(130) from None
     if as_json:
-        print(json.dumps(result, indent=2))
+        print(strict_json(result))
     else:
         render_race(result)
     failed = [a["arm"] for a in result["arms"] if a["stopped_by"] == "failed"]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -12,6 +11,7 @@ from mtrec.cli.app import command, split_list
 from mtrec.cli.render import metrics_table
 from mtrec.core.console import console
 from mtrec.core.errors import UserError
+from mtrec.core.files import strict_json
 
 
 @command()
@@ -31,7 +31,7 @@ def evaluate(
         raise UserError("--checkpoint must be best or last")
     result = evaluate_run(run_dir, data=data, raw=raw, split=split, device=device, which=checkpoint)
     if as_json:
-        print(json.dumps(result, indent=2))
+        print(strict_json(result))
     else:
         console.print(metrics_table(result["metrics"], f"{result['data']} (target: {result['target']})",
                                     result["ndcg_k"]))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -61,3 +62,17 @@ def read_jsonl(path: Path) -> list[dict]:
                 raise UserError(f"{path} line {number} is not a JSON object: restore or remove the file")
             records.append(record)
     return records
+
+
+def strict_json(value, indent: int | None = 2) -> str:
+    """``value`` as strict JSON (RFC 8259): a non-finite float (an undefined metric's NaN) becomes
+    null, since ``json.dumps`` would write the bare ``NaN`` that ``jq`` and JSON.parse reject."""
+    def finite(v):
+        if isinstance(v, float) and not math.isfinite(v):
+            return None
+        if isinstance(v, dict):
+            return {k: finite(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [finite(x) for x in v]
+        return v
+    return json.dumps(finite(value), indent=indent, allow_nan=False)

@@ -38,8 +38,8 @@ def test_the_device_run_script_runs_dry_and_writes_every_result(tmp_path):
     assert len(agree) == 6 and all(c["ok"] for c in agree)
     speed = json.loads((out / "speed_balancers.json").read_text())
     assert {row["balancer"] for row in speed["results"]} == {"ew", "metabalance", "gradcraft", "pcgrad"}
-    # the network (26 fields), compiled and not, and the loop's three feeds
+    # the network (26 fields on the device; torch.compile there only) and the loop's three feeds
     mmoe = json.loads((out / "speed_mmoe.json").read_text())
-    assert mmoe["fields"] == 14 and [r["compiled"] for r in mmoe["results"]] == [False, True]
+    assert mmoe["fields"] == 14 and [r["compiled"] for r in mmoe["results"]] == [False]
     assert [r["placement"] for r in mmoe["placements"]] == ["device", "host", "stream"]
     assert all(r["samples_per_s"] > 0 for r in mmoe["results"] + mmoe["placements"])

@@ -66,7 +66,7 @@ step speed_balancers 90 $PY bench/bench_train.py --device $DEV --rows $BIG --fie
     --models mmoe --batch-sizes $BATCH --balancers ew,metabalance,gradcraft,pcgrad --scopes shared,all,representation \
     --profile --steps $NSTEPS --warmup $WARMUP --json "$RES/speed_balancers.json"
 step speed_metrics 60 $PY bench/bench_metrics.py --device $DEV --rows $METRIC_ROWS --users $((METRIC_ROWS / 100)) \
-    --sklearn-users 200 --repeats 2
+    --sklearn-users 200 --repeats 2 --ndcg
 step speed_arch 60 $PY bench/bench_train.py --device $DEV --rows $BIG --fields $FIELDS --data "$WORK/big/data" \
     --models single,shared-bottom,mmoe,ple --batch-sizes $BATCHES --steps $NSTEPS --warmup $WARMUP \
     --json "$RES/speed_arch.json"

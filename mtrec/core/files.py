@@ -35,6 +35,26 @@ def atomic_write_text(path: Path, text: str) -> None:
     atomic_write(path, write)
 
 
+def check_replaceable(out: Path, force: bool, kind: str, ours, what: str) -> None:
+    """An ``--out`` file may be replaced only with --force, and only when ``ours(out)`` finds the
+    marker mtrec left in it (what cannot be read is not ours): never a folder, never a user's file.
+    ``kind`` names the file to ask for (".parquet"), ``what`` what mtrec writes there."""
+    if out.is_dir():
+        raise UserError(f"--out {out} is a directory: name a {kind} file")
+    if not out.exists():
+        return
+    if not force:
+        raise UserError(f"{out} exists: pass --force to overwrite it, or choose another --out")
+    try:
+        mine = ours(out)
+    except UserError:  # e.g. the reader's package is missing: that is the error to show
+        raise
+    except Exception:  # noqa: BLE001 - anything unreadable is not ours
+        mine = False
+    if not mine:
+        raise UserError(f"--out {out} is not {what}: --force only replaces those; choose another --out")
+
+
 def read_json_object(path: Path, fix: str) -> dict:
     """A JSON file that mtrec wrote and expects to hold one object; a corrupt, truncated or
     hand-broken file is a ``UserError`` naming it and ``fix``, not a traceback."""

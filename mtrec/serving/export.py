@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from mtrec.core.errors import UserError
-from mtrec.core.files import atomic_write
+from mtrec.core.files import atomic_write, check_replaceable
 
 OPSET = 17
 ML_OPSET = 2
@@ -78,20 +78,12 @@ def _network(model, schema, tasks, objective, outputs: list[str]):
 
 
 def _check_out(out: Path, force: bool) -> None:
-    if out.is_dir():
-        raise UserError(f"--out {out} is a directory: name a .onnx file")
-    if not out.exists():
-        return
-    if not force:
-        raise UserError(f"{out} exists: pass --force to overwrite it, or choose another --out")
-    onnx = _onnx()
-    try:
-        props = {p.key: p.value for p in onnx.load(str(out), load_external_data=False).metadata_props}
-    except Exception:  # noqa: BLE001 - anything unreadable is not ours
-        props = {}
-    if props.get(MARKER[0]) != MARKER[1]:
-        raise UserError(f"--out {out} is not a model written by mtrec export: --force only replaces those; "
-                        "choose another --out")
+    check_replaceable(out, force, ".onnx", _written_by_export, "a model written by mtrec export")
+
+
+def _written_by_export(path: Path) -> bool:
+    model = _onnx().load(str(path), load_external_data=False)
+    return {p.key: p.value for p in model.metadata_props}.get(MARKER[0]) == MARKER[1]
 
 
 def export_run(run_dir: str | Path, out: str | Path, *, which: str = "best", fmt: str = "onnx",

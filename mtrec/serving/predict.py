@@ -15,11 +15,11 @@ import uuid
 from pathlib import Path
 
 import polars as pl
-import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
 from mtrec.core.errors import UserError
+from mtrec.core.files import check_replaceable
 
 CHUNK_ROWS = 1 << 18
 _KEEP = "__mtrec_keep_"
@@ -28,19 +28,9 @@ MARKER = {b"mtrec": b"predictions"}  # Parquet key-value metadata: --force repla
 
 def _check_out(out: Path, force: bool) -> None:
     """--out may be replaced only with --force, and only when it is a predictions file mtrec wrote."""
-    if out.is_dir():
-        raise UserError(f"--out {out} is a directory: name a .parquet file")
-    if not out.exists():
-        return
-    if not force:
-        raise UserError(f"{out} exists: pass --force to overwrite it, or choose another --out")
-    try:
-        ours = (pq.read_schema(out).metadata or {}).get(b"mtrec") == MARKER[b"mtrec"]
-    except (OSError, ValueError, pa.ArrowException):
-        ours = False
-    if not ours:
-        raise UserError(f"--out {out} is not a predictions file of mtrec predict: --force only replaces those; "
-                        "choose another --out")
+    check_replaceable(out, force, ".parquet",
+                      lambda path: (pq.read_schema(path).metadata or {}).get(b"mtrec") == MARKER[b"mtrec"],
+                      "a predictions file of mtrec predict")
 
 
 def check_keep(keep: list[str], outputs: list[str], frame: pl.LazyFrame) -> None:

@@ -29,6 +29,7 @@ module imports it only when a sharded run is built.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import warnings
 
@@ -328,23 +329,18 @@ def _plan(lookup: nn.Module, sharder, plan_name: str, tables: list[str], world: 
     return planner.collective_plan(lookup, [sharder], dist.GroupMember.WORLD)
 
 
-class _quiet:
+@contextlib.contextmanager
+def _quiet():
     """TorchRec's planner logs its plan and several advisory warnings on every rank: silenced."""
-
-    def __enter__(self):
-        self.loggers = [logging.getLogger("torchrec")]
-        self.levels = [lg.level for lg in self.loggers]
-        for lg in self.loggers:
-            lg.setLevel(logging.ERROR)
-        self.warnings = warnings.catch_warnings()
-        self.warnings.__enter__()
-        warnings.simplefilter("ignore")
-        return self
-
-    def __exit__(self, *exc):
-        self.warnings.__exit__(*exc)
-        for lg, level in zip(self.loggers, self.levels):
-            lg.setLevel(level)
+    logger = logging.getLogger("torchrec")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logger.setLevel(level)
 
 
 class FusedTableOptimizer:

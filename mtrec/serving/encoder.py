@@ -9,11 +9,11 @@ their data folder as they always did, checked by feature names, kinds and vocabu
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from mtrec.core.errors import UserError
+from mtrec.core.files import read_json_object
 from mtrec.data.fingerprint import encoder_fingerprint
 from mtrec.data.schema import Schema
 from mtrec.engine.rundir import ENCODER
@@ -32,12 +32,11 @@ def run_fingerprint(run_dir: str | Path) -> str | None:
     path = Path(run_dir) / ENCODER
     if not path.is_file():
         return None
-    try:
-        record = json.loads(path.read_text())
-        return str(record["fingerprint"])
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as err:
-        raise UserError(f"{path} is unreadable or incomplete ({err}): the run directory is damaged, "
-                        "train again") from err
+    fix = "the run directory is damaged, train again"
+    fingerprint = read_json_object(path, fix).get("fingerprint")
+    if not isinstance(fingerprint, str):
+        raise UserError(f"{path} is incomplete (no fingerprint): {fix}")
+    return fingerprint
 
 
 def run_encoder(run_dir: str | Path, cfg, run_schema: Schema, data: str | None = None) -> Encoder:

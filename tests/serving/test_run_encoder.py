@@ -73,6 +73,16 @@ def test_a_changed_vocabulary_copy_is_refused(fresh_run, tmp_path):
     assert_user_error(code, out, "fingerprint")
 
 
+@pytest.mark.parametrize("damage", ["{not json", "[1, 2]", '{"other": 1}'])
+def test_a_damaged_encoder_json_is_one_line(fresh_run, tmp_path, damage):
+    root = fresh_run()
+    (root / "run" / "encoder.json").write_text(damage)
+    code, out = invoke("predict", root / "run", "--raw", root / "log.parquet", "--out", tmp_path / "p.parquet",
+                       "--device", "cpu")
+    assert_user_error(code, out, "encoder.json")
+    assert "train again" in out and not (tmp_path / "p.parquet").exists()
+
+
 def test_an_older_run_without_the_copy_encodes_with_its_data_folder(fresh_run, tmp_path):
     root = fresh_run()
     before = _predict(root, tmp_path / "a.parquet")

@@ -179,10 +179,7 @@ def read_run_config(run_dir: str | Path) -> dict[str, Any]:
     data is no longer at its saved path but where it was relative to the run directory (both
     moved together), that path is used, with a warning."""
     run_dir = Path(run_dir)
-    path = run_dir / "config.json"
-    if not path.is_file():
-        raise UserError(f"{run_dir} is not a run directory of mtrec train (no config.json): pass the --out of a run")
-    values = read_json_object(path, "restore it from a backup, or train a new run")
+    values = _saved_config(run_dir)
     values.pop("mtrec_version", None)
     data, saved_out = values.get("data", ""), values.get("out", "")
     if data and saved_out and not Path(data).exists():
@@ -197,13 +194,21 @@ def read_run_config(run_dir: str | Path) -> dict[str, Any]:
 
 def run_tasks(run_dir: str | Path) -> list[str]:
     """The tasks of a run, from its config.json (plot and TensorBoard export name series by them)."""
-    path = Path(run_dir) / "config.json"
+    tasks = _saved_config(Path(run_dir)).get("tasks")
+    if not (isinstance(tasks, list) and tasks and all(isinstance(t, str) for t in tasks)):
+        raise UserError(f"{Path(run_dir) / 'config.json'} is corrupt: no list of tasks: {_RESTORE}")
+    return tasks
+
+
+_RESTORE = "restore it from a backup, or train a new run"
+
+
+def _saved_config(run_dir: Path) -> dict[str, Any]:
+    """A run's config.json as saved; one line when it is not a run directory or the file is damaged."""
+    path = run_dir / "config.json"
     if not path.is_file():
         raise UserError(f"{run_dir} is not a run directory of mtrec train (no config.json): pass the --out of a run")
-    tasks = read_json_object(path, "restore it from a backup, or train a new run").get("tasks")
-    if not (isinstance(tasks, list) and tasks and all(isinstance(t, str) for t in tasks)):
-        raise UserError(f"{path} is corrupt: no list of tasks: restore it from a backup, or train a new run")
-    return tasks
+    return read_json_object(path, _RESTORE)
 
 
 def parse_opt(text: str) -> tuple[str, Any]:
